@@ -1,0 +1,5 @@
+"""Allow ``python -m cowd``."""
+
+from cowd._main import main
+
+main()
