@@ -1,0 +1,170 @@
+"""A blocking RPC client for cowd, one connection per Client.
+
+Files the daemon must read or write are opened here, with the caller's
+own rights, and passed to cowd as descriptors.  A merge into ``-o OUT``
+is written by cowd into a temporary file this side created next to
+OUT; this side renames it into place only after cowd has synced it, so
+OUT is either the old file or the whole new one.
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import socket
+import stat
+import tempfile
+from typing import Any
+
+import msgpack
+
+from cowd import protocol
+from cowd.durable import fsync_dir
+from cowd.protocol import Unavailable
+
+# Where a system-wide cowd listens (see systemd/cowd.socket).
+DEFAULT_SOCKET = "/run/cowd/cowd.sock"
+
+_RECV_SIZE = 256 * 1024
+
+
+def default_socket() -> str:
+    """COWD_SOCKET if set, else the system-wide socket."""
+    return os.environ.get("COWD_SOCKET") or DEFAULT_SOCKET
+
+
+class Client:
+    """A connection to cowd.  Methods raise CowError subclasses."""
+
+    def __init__(self, socket_path: str | None = None) -> None:
+        self.socket_path = socket_path or default_socket()
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._sock.connect(self.socket_path)
+        except OSError as exc:
+            self._sock.close()
+            reason = exc.strerror or str(exc)
+            raise Unavailable(
+                f"cannot reach cowd at {self.socket_path}: {reason}"
+            ) from None
+        # Replies come from the daemon, which is trusted: no size cap.
+        self._unpacker = msgpack.Unpacker(raw=False, max_buffer_size=0)
+        self._msgid = 0
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def call(self, method: str, params: dict | None = None, fds: list[int] = ()):
+        """Send one request and wait for its reply."""
+        params = dict(params or {})
+        if fds:
+            params["fds"] = len(fds)
+        self._msgid = (self._msgid + 1) % 2**32
+        frame = protocol.request(self._msgid, method, params)
+        try:
+            self._send(frame, fds)
+            reply = self._receive()
+        except OSError as exc:
+            raise Unavailable(f"lost connection to cowd: {exc}") from None
+        _, msgid, error, result = reply
+        if error is not None:
+            raise protocol.error_from_wire(error)
+
+        return result
+
+    def _send(self, frame: bytes, fds: list[int]) -> None:
+        if not fds:
+            self._sock.sendall(frame)
+            return
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+        sent = self._sock.sendmsg([frame], rights)
+        self._sock.sendall(frame[sent:])
+
+    def _receive(self) -> list:
+        while True:
+            for msg in self._unpacker:
+                if msg[0] == protocol.RESPONSE and msg[1] == self._msgid:
+                    return msg
+                if msg[0] == protocol.NOTIFICATION and msg[1] == "error":
+                    raise protocol.error_from_wire(msg[2][0])
+            data = self._sock.recv(_RECV_SIZE)
+            if not data:
+                raise Unavailable("cowd closed the connection")
+            self._unpacker.feed(data)
+
+    # -- operations ---------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        return self.call("status")
+
+    def sessions(self, all: bool = False) -> list[dict[str, Any]]:
+        return self.call("sessions", {"all": all})
+
+    def logs(self, file: str | None = None) -> list[dict[str, Any]]:
+        """Logs visible to the caller, optionally only those of one file."""
+        params = {}
+        if file is not None:
+            st = os.stat(file)
+            params["base"] = [st.st_dev, st.st_ino]
+
+        return self.call("logs", params)
+
+    def log_show(self, log: str) -> dict[str, Any]:
+        return self.call("log_show", {"log": log})
+
+    def merge(
+        self, source: str, log: str, output: str | None = None, force: bool = False
+    ) -> dict[str, Any]:
+        """Apply one log to a copy of source."""
+        params = {"log": log, "force": force}
+
+        return self._merge("merge", source, output, params)
+
+    def merge_all(
+        self,
+        source: str,
+        output: str | None = None,
+        on_conflict: str = "fail",
+        force: bool = False,
+    ) -> dict[str, Any]:
+        """Apply every committed log of source, in commit order."""
+        params = {"on_conflict": on_conflict, "force": force}
+
+        return self._merge("merge_all", source, output, params)
+
+    def _merge(
+        self, method: str, source: str, output: str | None, params: dict
+    ) -> dict[str, Any]:
+        src = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            if output is None:
+                return self.call(method, params, [src])
+            return self._merge_into(method, src, output, params)
+        finally:
+            os.close(src)
+
+    def _merge_into(
+        self, method: str, src: int, output: str, params: dict
+    ) -> dict[str, Any]:
+        output = os.path.abspath(output)
+        folder, name = os.path.split(output)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+        try:
+            os.fchmod(fd, stat.S_IMODE(os.fstat(src).st_mode))
+            result = self.call(method, params, [src, fd])
+            os.replace(tmp, output)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        finally:
+            os.close(fd)
+        fsync_dir(folder)
+        result["output"] = output
+
+        return result
