@@ -82,19 +82,31 @@ def run(argv: list[str], check: bool = False, **kw) -> subprocess.CompletedProce
     return result
 
 
-def start_cowd(tmp_path: Path, *extra: str, env: dict | None = None) -> Cowd:
-    """Start cowd and wait for its READY=1 notification."""
+def start_cowd(tmp_path: Path, *extra: str, prefix: list[str] = ()) -> Cowd:
+    """Start cowd and wait for its READY=1 notification.
+
+    ``prefix`` is put before the command, to run cowd as another user.
+    """
     sock_path = str(tmp_path / "cowd.sock")
     state_dir = tmp_path / "state"
     notify_path = str(tmp_path / "notify.sock")
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(notify_path)
+    os.chmod(notify_path, 0o666)
     notify.settimeout(START_TIMEOUT)
     log_path = tmp_path / "cowd.log"
-    env = {**os.environ, **(env or {}), "NOTIFY_SOCKET": notify_path}
+    env = {**os.environ, "NOTIFY_SOCKET": notify_path}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [COWD, "--socket", sock_path, "--state-dir", str(state_dir), *extra],
+            [
+                *prefix,
+                COWD,
+                "--socket",
+                sock_path,
+                "--state-dir",
+                str(state_dir),
+                *extra,
+            ],
             stderr=log,
             env=env,
         )
@@ -133,6 +145,19 @@ def programs(tmp_path_factory) -> Path:
         run(argv, check=True)
 
     return out
+
+
+def commit_through_rpc(cowd: Cowd, path, records) -> tuple[Client, str]:
+    """Act as a client session: hello, map the file, commit one batch."""
+    client = cowd.client()
+    client.call("hello", {"pid": os.getpid(), "engine": "remap"})
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        log = client.call("map", {}, [fd])
+    finally:
+        os.close(fd)
+    client.call("commit", {"log": log["log"], "records": records})
+    return client, log["path"]
 
 
 def hexarg(offset: int, data: bytes) -> str:

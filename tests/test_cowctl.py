@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
-from conftest import COWCTL, run
+from conftest import COWCTL, commit_through_rpc, run
 
 COMMANDS = [
     [],
@@ -28,19 +27,6 @@ def test_every_command_has_help(command):
     result = run([COWCTL, *command, "--help"], check=True)
 
     assert b"usage: cowctl" in result.stdout
-
-
-def commit_through_rpc(cowd, path, records):
-    """Act as a client session: hello, map the file, commit one batch."""
-    client = cowd.client()
-    client.call("hello", {"pid": os.getpid(), "engine": "remap"})
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        log = client.call("map", {}, [fd])
-    finally:
-        os.close(fd)
-    client.call("commit", {"log": log["log"], "records": records})
-    return client, log["path"]
 
 
 def one_line_error(result) -> str:
