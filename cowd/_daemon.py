@@ -9,6 +9,7 @@ client's own rights; cowd opens paths only inside its state directory.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import time
@@ -19,13 +20,13 @@ import structlog
 import trio
 
 import cowd
-from cowd import _logfile, _merge
+from cowd import _engine, _logfile, _merging, protocol
+from cowd._engine import POLICIES
 from cowd._logfile import LogWriter
 from cowd._server import Connection
 from cowd._state import LogInfo, State
 from cowd.durable import fsync_dir
 from cowd.protocol import (
-    BaseMismatch,
     InvalidArgument,
     PermissionDenied,
     ProtocolError,
@@ -57,8 +58,12 @@ class Session:
 class Daemon:
     """State shared by every connection, and the methods they call."""
 
-    def __init__(self, state: State, engine: str, socket_path: str) -> None:
+    def __init__(
+        self, state: State, engine: str, socket_path: str, sync: bool = True
+    ) -> None:
         self.state = state
+        self.sync = sync
+        self.manifests = _merging.Manifests(state.manifests_dir)
         self.engine = "remap" if engine == "auto" else engine
         self.socket_path = socket_path
         self.started = time.time()
@@ -73,6 +78,8 @@ class Daemon:
             "log_show": self.log_show,
             "merge": self.merge,
             "merge_all": self.merge_all,
+            "verify": self.verify,
+            "prune": self.prune,
         }
 
     def is_admin(self, conn: Connection) -> bool:
@@ -170,7 +177,9 @@ class Daemon:
         # The number is taken before the write so that commit order is
         # the order in which cowd accepted the batches.
         seq = self.state.seq.next()
-        await trio.to_thread.run_sync(_append_and_commit, writer, records, seq)
+        await trio.to_thread.run_sync(
+            _append_and_commit, writer, records, seq, self.sync
+        )
         session.commits += 1
         log.debug("batch committed", session=session.id, seq=seq)
 
@@ -262,69 +271,163 @@ class Daemon:
     async def merge(self, conn: Connection, params: dict, fds: list[int]) -> Any:
         source, output = _merge_fds(params, fds)
         info = self._visible_log(conn, params.get("log"))
-        force = bool(params.get("force", False))
-        _check_base(info, os.fstat(source), force)
-        found = await trio.to_thread.run_sync(_logfile.scan, info.path)
-        _refuse_corrupt(info, found)
-        overlay = _merge.replay(info.session, found.batches)
-        segments = _merge.plan([overlay], "last")
+        lineage = self.manifests.lineage(os.fstat(source))
+        _merging.check_base(info, lineage, bool(params.get("force", False)))
+        plan = _merging.Plan([info], lineage, "last")
         name = f"merge_{_base_name(info)}_{info.session}"
-        result = await self._write_merge(conn, source, output, segments, name)
-        log.info("merged", log=info.path, batches=len(found.batches), **_where(result))
 
-        return {**result, "logs": 1, "batches": len(found.batches)}
+        return await self._merge(conn, params, plan, source, output, name)
 
     async def merge_all(self, conn: Connection, params: dict, fds: list[int]) -> Any:
         source, output = _merge_fds(params, fds)
         policy = params.get("on_conflict", "fail")
-        if policy not in _merge.POLICIES:
-            raise InvalidArgument(
-                f"on-conflict must be one of {', '.join(_merge.POLICIES)}"
-            )
-        force = bool(params.get("force", False))
-        st = os.fstat(source)
+        if policy not in POLICIES:
+            raise InvalidArgument(f"on-conflict must be one of {', '.join(POLICIES)}")
+        lineage = self.manifests.lineage(os.fstat(source))
         infos = [
             info
-            for info in self.state.logs_of((st.st_dev, st.st_ino))
+            for base in lineage.bases()
+            for info in self.state.logs_of(base)
             if self._may_see(conn, info.uid)
         ]
         for info in infos:
-            _check_base(info, st, force)
-        scans = await trio.to_thread.run_sync(_scan_all, infos)
-        overlays = []
-        batches = 0
-        for info, found in zip(infos, scans, strict=True):
-            _refuse_corrupt(info, found)
-            overlays.append(_merge.replay(info.session, found.batches))
-            batches += len(found.batches)
-        segments = _merge.plan(overlays, policy)
-        name = f"merge_all_{_base_name(infos[0]) if infos else _fd_name(source)}"
-        result = await self._write_merge(conn, source, output, segments, name)
-        log.info("merged all", logs=len(infos), batches=batches, **_where(result))
+            _merging.check_base(info, lineage, bool(params.get("force", False)))
+        plan = _merging.Plan(infos, lineage, policy)
+        name = f"merge_all_{_fd_name(source)}"
 
-        return {**result, "logs": len(infos), "batches": batches}
+        return await self._merge(conn, params, plan, source, output, name)
 
-    async def _write_merge(
+    async def _merge(
         self,
         conn: Connection,
+        params: dict,
+        plan: _merging.Plan,
         source: int,
         output: int | None,
-        segments: list[_merge.Segment],
         name: str,
     ) -> dict[str, Any]:
+        if params.get("in_place") and not await self._has_news(plan):
+            log.info("nothing new to merge", logs=len(plan.logs))
+            return {"output": None, "noop": True, "logs": len(plan.logs), "batches": 0}
+        progress = _Progress(conn) if params.get("progress") else None
+        report = progress.report if progress else _no_progress
         if output is not None:
             # The client created this file with its own rights and
             # renames it into place once we return.
-            applied = await trio.to_thread.run_sync(
-                _merge.write_output, source, output, segments
+            result = await trio.to_thread.run_sync(
+                _merging.run, plan, source, output, report
             )
-            return {"output": None, "bytes": applied}
-        path = os.path.join(self.state.merges_dir, name)
-        applied = await trio.to_thread.run_sync(
-            _write_atomically, source, path, segments, conn.uid, conn.gid
+            self._record(plan, result, os.fstat(output))
+            path = None
+        else:
+            path = os.path.join(self.state.merges_dir, name)
+            result = await trio.to_thread.run_sync(
+                self._merge_into_state, plan, source, path, report, conn.uid, conn.gid
+            )
+        if progress:
+            await progress.flush()
+        log.info(
+            "merged",
+            logs=len(plan.logs),
+            batches=result.batches,
+            output=path or "(client file)",
+            bytes=result.bytes,
         )
 
-        return {"output": path, "bytes": applied}
+        return {
+            "output": path,
+            "noop": False,
+            "logs": len(plan.logs),
+            "batches": result.batches,
+            "records": result.records,
+            "bytes": result.bytes,
+        }
+
+    async def _has_news(self, plan: _merging.Plan) -> bool:
+        """Whether any log has a batch the file to merge does not hold."""
+        scans = await trio.to_thread.run_sync(_scan_all, plan.logs)
+        return any(
+            found.batches
+            and found.batches[-1].seq > plan.lineage.applied.get(info.path, 0)
+            for info, found in zip(plan.logs, scans, strict=True)
+        )
+
+    def _record(
+        self, plan: _merging.Plan, result: _engine.Result, st: os.stat_result
+    ) -> None:
+        applied = _merging.applied_after(plan, result)
+        self.manifests.record(_merging.Identity.of(st), plan.lineage.origin, applied)
+        _merging.crashpoint("manifest recorded")
+
+    def _merge_into_state(
+        self,
+        plan: _merging.Plan,
+        source: int,
+        path: str,
+        report: _merging.Progress,
+        uid: int,
+        gid: int,
+    ) -> _engine.Result:
+        """Write a merge under path in the state folder, atomically."""
+        tmp = f"{path}.{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            if os.getuid() == 0 and uid != 0:
+                os.fchown(fd, uid, gid)
+            result = _merging.run(plan, source, fd, report)
+            self._record(plan, result, os.fstat(fd))
+            os.replace(tmp, path)
+            _merging.crashpoint("merge renamed")
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
+        finally:
+            os.close(fd)
+        fsync_dir(os.path.dirname(path))
+
+        return result
+
+    async def verify(self, conn: Connection, params: dict, fds: list[int]) -> Any:
+        paths = params.get("logs") or [
+            info.path
+            for info in self.state.logs.values()
+            if self._may_see(conn, info.uid)
+        ]
+        infos = [self._visible_log(conn, path) for path in paths]
+
+        return await trio.to_thread.run_sync(_verify_all, infos)
+
+    async def prune(self, conn: Connection, params: dict, fds: list[int]) -> Any:
+        """Remove logs of ended sessions that a merge output fully holds."""
+        older = params.get("older_than")
+        dry_run = bool(params.get("dry_run", False))
+        candidates = [
+            info
+            for info in self.state.logs.values()
+            if self._may_see(conn, info.uid)
+            and info.session not in self.sessions
+            and (older is None or time.time() - info.meta.get("created", 0) > older)
+        ]
+        merged = await trio.to_thread.run_sync(self._fully_merged, candidates)
+        if not dry_run:
+            for info in merged:
+                self.state.remove_log(info)
+                log.info("log pruned", path=info.path, session=info.session)
+
+        return {"pruned": [info.path for info in merged], "dry_run": dry_run}
+
+    def _fully_merged(self, infos: list[LogInfo]) -> list[LogInfo]:
+        applied = self.manifests.applied_everywhere()
+        merged = []
+        for info in infos:
+            found = _logfile.scan(info.path)
+            if found.corrupt_at is not None or found.pending_bytes:
+                continue
+            last = found.batches[-1].seq if found.batches else 0
+            if applied.get(info.path, 0) >= last:
+                merged.append(info)
+
+        return merged
 
     # -- access ---------------------------------------------------------
 
@@ -366,10 +469,10 @@ def _check_records(records: Any) -> list[tuple[int, bytes]]:
     return checked
 
 
-def _append_and_commit(writer: LogWriter, records: list, seq: int) -> None:
+def _append_and_commit(writer: LogWriter, records: list, seq: int, sync: bool) -> None:
     if records:
         writer.append(records)
-    writer.commit(seq)
+    writer.commit(seq, sync=sync)
 
 
 def _fd_path(fd: int) -> str:
@@ -396,32 +499,6 @@ def _merge_fds(params: dict, fds: list[int]) -> tuple[int, int | None]:
         raise InvalidArgument("the source must be a regular file")
 
     return source, output
-
-
-def _check_base(info: LogInfo, st: os.stat_result, force: bool) -> None:
-    """Refuse to apply a log to a file it was not made from."""
-    if force:
-        return
-    meta = info.meta
-    if info.base != (st.st_dev, st.st_ino):
-        raise BaseMismatch(
-            f"{info.path} was made from {meta.get('file')}, not this file"
-            " (use --force to merge anyway)"
-        )
-    if (meta.get("size"), meta.get("mtime_ns")) != (st.st_size, st.st_mtime_ns):
-        raise BaseMismatch(
-            f"{meta.get('file')} changed since {info.path} was made"
-            " (use --force to merge anyway)"
-        )
-
-
-def _refuse_corrupt(info: LogInfo, found: _logfile.Scan) -> None:
-    if found.corrupt_at is not None:
-        raise _logfile.CorruptLog(
-            f"{info.path}: {found.corrupt_reason} at byte {found.corrupt_at}",
-            path=info.path,
-            offset=found.corrupt_at,
-        )
 
 
 def _scan_all(infos: list[LogInfo]) -> list[_logfile.Scan]:
@@ -459,29 +536,70 @@ def _describe_logs(infos: list[LogInfo]) -> list[dict[str, Any]]:
     return described
 
 
-def _write_atomically(
-    source: int, path: str, segments: list[_merge.Segment], uid: int, gid: int
-) -> int:
-    """Write a merge under path via a temporary file and a rename."""
-    folder = os.path.dirname(path)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        applied = _merge.write_output(source, fd, segments)
-        if os.getuid() == 0 and uid != 0:
-            os.fchown(fd, uid, gid)
-        os.close(fd)
-        fd = -1
-        os.replace(tmp, path)
-    except BaseException:
-        if fd >= 0:
-            os.close(fd)
-        os.unlink(tmp)
-        raise
-    fsync_dir(folder)
+def _verify_all(infos: list[LogInfo]) -> list[dict[str, Any]]:
+    """Check each log batch by batch; say which batches are good."""
+    reports = []
+    for info in infos:
+        try:
+            found = _logfile.scan(info.path)
+        except _logfile.CorruptLog as exc:
+            reports.append({"path": info.path, "ok": False, "error": str(exc)})
+            continue
+        reports.append(
+            {
+                "path": info.path,
+                "ok": found.corrupt_at is None,
+                "good": [[b.seq, b.start, b.end] for b in found.batches],
+                "pending_bytes": found.pending_bytes,
+                "corrupt_at": found.corrupt_at,
+                "corrupt_reason": found.corrupt_reason or None,
+            }
+        )
 
-    return applied
+    return reports
 
 
-def _where(result: dict[str, Any]) -> dict[str, Any]:
-    return {"output": result["output"] or "(client file)", "bytes": result["bytes"]}
+class _Progress:
+    """Sends a merge's progress to its client as notifications.
+
+    The engine reports from a worker thread; reports are forwarded to
+    the connection's task at most every ``_PROGRESS_INTERVAL`` seconds,
+    and a report never waits for the client to read.
+    """
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._last = 0.0
+        self._pending: tuple[str, int, int] | None = None
+        self._token = trio.lowlevel.current_trio_token()
+
+    def report(self, phase: str, done: int, total: int) -> None:
+        _merging.crashpoint(f"progress {phase}")
+        self._pending = (phase, done, total)
+        now = time.monotonic()
+        if now - self._last >= _PROGRESS_INTERVAL or done == total:
+            self._last = now
+            trio.from_thread.run(self.flush, trio_token=self._token)
+
+    async def flush(self) -> None:
+        if self._pending is None:
+            return
+        phase, done, total = self._pending
+        self._pending = None
+        params = {"phase": phase, "done": done, "total": total}
+        with contextlib.suppress(OSError, trio.BrokenResourceError):
+            await self._conn.send(protocol.notification("progress", params))
+
+
+# Progress notifications go out at most this often: enough for a smooth
+# bar, few enough to cost nothing next to the merge.
+_PROGRESS_INTERVAL = 0.1
+
+
+def _no_progress(phase: str, done: int, total: int) -> None:
+    _merging.crashpoint(f"progress {phase}")
+
+
+def _unlink_quietly(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)

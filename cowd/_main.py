@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"cowd: {exc}", file=sys.stderr)
         sys.exit(1)
     path = listener.getsockname() or args.socket
-    daemon = Daemon(state, args.engine, path)
+    daemon = Daemon(state, args.engine, path, sync=args.sync)
     try:
         trio.run(_run, daemon, listener)
     finally:
@@ -70,6 +70,13 @@ def _parser() -> argparse.ArgumentParser:
         choices=_ALL_ENGINES,
         default="auto",
         help="how private page copies are made (default: auto)",
+    )
+    parser.add_argument(
+        "--no-sync",
+        dest="sync",
+        action="store_false",
+        help="answer commits before their batch is fsynced: faster, but a"
+        " machine crash may lose the last committed batches (never tear one)",
     )
     parser.add_argument(
         "--log-level",
@@ -138,6 +145,7 @@ async def _run(daemon: Daemon, listener: socket.socket) -> None:
             socket=daemon.socket_path,
             state_dir=daemon.state.root,
             engine=daemon.engine,
+            sync=daemon.sync,
         )
         _systemd.notify("READY=1\nSTATUS=serving")
     log.info("cowd stopped")

@@ -12,6 +12,7 @@ RPC, and paths they name are checked to resolve inside it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -89,11 +90,23 @@ class State:
         self.root = os.path.realpath(root)
         self.logs_dir = os.path.join(self.root, "logs")
         self.merges_dir = os.path.join(self.root, "merges")
+        self.manifests_dir = os.path.join(self.root, "manifests")
         for path in (self.root, self.logs_dir, self.merges_dir):
             os.makedirs(path, mode=0o700, exist_ok=True)
+        self._remove_stale_temporaries()
         self.seq = SequenceAllocator(os.path.join(self.root, "seq"))
         self.logs: dict[str, LogInfo] = {}
         self._load_index()
+
+    def _remove_stale_temporaries(self) -> None:
+        """Remove what a merge killed before its rename left behind."""
+        for folder in (self.merges_dir, self.manifests_dir):
+            if not os.path.isdir(folder):
+                continue
+            for name in os.listdir(folder):
+                if name.endswith(".tmp"):
+                    os.unlink(os.path.join(folder, name))
+                    log.info("stale temporary removed", path=name, folder=folder)
 
     def _load_index(self) -> None:
         for session in sorted(os.listdir(self.logs_dir)):
@@ -147,6 +160,15 @@ class State:
             raise NotFound(f"{path}: no such log")
 
         return info
+
+    def remove_log(self, info: LogInfo) -> None:
+        """Delete a log, and its session folder once that is empty."""
+        os.unlink(info.path)
+        del self.logs[info.path]
+        folder = os.path.dirname(info.path)
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
+        fsync_dir(self.logs_dir)
 
     def logs_of(self, base: tuple[int, int]) -> list[LogInfo]:
         return [info for info in self.logs.values() if info.base == base]

@@ -146,6 +146,10 @@ def response(msgid: int, error: CowError | None, result: Any = None) -> bytes:
     return pack([RESPONSE, msgid, wire, None if error else result])
 
 
+def notification(method: str, params: dict[str, Any]) -> bytes:
+    return pack([NOTIFICATION, method, [params]])
+
+
 def unpacker() -> msgpack.Unpacker:
     """A streaming decoder that refuses frames larger than MAX_FRAME."""
     return msgpack.Unpacker(raw=False, max_buffer_size=MAX_FRAME)

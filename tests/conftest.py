@@ -82,10 +82,13 @@ def run(argv: list[str], check: bool = False, **kw) -> subprocess.CompletedProce
     return result
 
 
-def start_cowd(tmp_path: Path, *extra: str, prefix: list[str] = ()) -> Cowd:
+def start_cowd(
+    tmp_path: Path, *extra: str, prefix: list[str] = (), env: dict | None = None
+) -> Cowd:
     """Start cowd and wait for its READY=1 notification.
 
-    ``prefix`` is put before the command, to run cowd as another user.
+    ``prefix`` is put before the command, to run cowd as another user;
+    ``env`` adds environment variables.
     """
     sock_path = str(tmp_path / "cowd.sock")
     state_dir = tmp_path / "state"
@@ -95,7 +98,7 @@ def start_cowd(tmp_path: Path, *extra: str, prefix: list[str] = ()) -> Cowd:
     os.chmod(notify_path, 0o666)
     notify.settimeout(START_TIMEOUT)
     log_path = tmp_path / "cowd.log"
-    env = {**os.environ, "NOTIFY_SOCKET": notify_path}
+    env = {**os.environ, **(env or {}), "NOTIFY_SOCKET": notify_path}
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [
@@ -119,6 +122,7 @@ def start_cowd(tmp_path: Path, *extra: str, prefix: list[str] = ()) -> Cowd:
         raise AssertionError(f"cowd never became ready:\n{log_text}") from None
     finally:
         notify.close()
+        os.unlink(notify_path)
 
     return Cowd(sock_path, state_dir, proc, log_path)
 
@@ -147,17 +151,34 @@ def programs(tmp_path_factory) -> Path:
     return out
 
 
+class Session:
+    """A client session driven over RPC exactly as libcow drives one:
+    hello, map a file (passing its descriptor), commit batches."""
+
+    def __init__(self, cowd: Cowd, path) -> None:
+        self.client = cowd.client()
+        self.client.call("hello", {"pid": os.getpid(), "engine": "remap"})
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            reply = self.client.call("map", {}, [fd])
+        finally:
+            os.close(fd)
+        self.handle = reply["log"]
+        self.log_path = reply["path"]
+
+    def commit(self, *records) -> int | None:
+        params = {"log": self.handle, "records": [list(r) for r in records]}
+        return self.client.call("commit", params)["seq"]
+
+    def end(self) -> None:
+        self.client.close()
+
+
 def commit_through_rpc(cowd: Cowd, path, records) -> tuple[Client, str]:
-    """Act as a client session: hello, map the file, commit one batch."""
-    client = cowd.client()
-    client.call("hello", {"pid": os.getpid(), "engine": "remap"})
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        log = client.call("map", {}, [fd])
-    finally:
-        os.close(fd)
-    client.call("commit", {"log": log["log"], "records": records})
-    return client, log["path"]
+    """One session committing one batch; returns its client and log path."""
+    session = Session(cowd, path)
+    session.commit(*records)
+    return session.client, session.log_path
 
 
 def hexarg(offset: int, data: bytes) -> str:

@@ -7,6 +7,7 @@ line on stderr and a non-zero exit status, never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -95,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", help="apply one log to a copy of its base")
     p.add_argument("-s", "--source", required=True, metavar="SOURCE")
     p.add_argument("-l", "--log", required=True, metavar="LOG")
-    p.add_argument("-o", "--output", metavar="OUT")
+    _add_output(p)
     p.add_argument("--force", action="store_true", help="merge onto another file")
     p.set_defaults(func=cmd_merge)
 
@@ -103,7 +104,7 @@ def _parser() -> argparse.ArgumentParser:
         "merge-all", aliases=["merge_all"], help="apply every log of a base"
     )
     p.add_argument("-s", "--source", required=True, metavar="SOURCE")
-    p.add_argument("-o", "--output", metavar="OUT")
+    _add_output(p)
     p.add_argument(
         "--on-conflict",
         choices=("fail", "last", "first"),
@@ -113,11 +114,36 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="merge onto a changed file")
     p.set_defaults(func=cmd_merge_all)
 
+    p = sub.add_parser("verify", help="check logs batch by batch")
+    p.add_argument("logs", nargs="*", metavar="LOG", help="default: all your logs")
+    _add_json(p)
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("prune", help="remove logs that merges already hold")
+    p.add_argument(
+        "--older-than",
+        type=float,
+        metavar="DAYS",
+        help="only logs created more than DAYS days ago",
+    )
+    p.add_argument("--dry-run", action="store_true", help="only list them")
+    p.set_defaults(func=cmd_prune)
+
     p = sub.add_parser("demo", help="replay the original demo end to end")
     _demo.add_arguments(p)
     p.set_defaults(func=cmd_demo)
 
     return parser
+
+
+def _add_output(parser: argparse.ArgumentParser) -> None:
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("-o", "--output", metavar="OUT", help="write the result here")
+    where.add_argument(
+        "--in-place",
+        action="store_true",
+        help="replace SOURCE atomically; mappings of the old version keep it",
+    )
 
 
 def _add_json(parser: argparse.ArgumentParser) -> None:
@@ -280,20 +306,107 @@ def absolute_pattern(pattern: str) -> str:
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
-    with _client(args) as client:
-        result = client.merge(args.source, args.log, args.output, force=args.force)
-    print(f"merged {result['batches']} batches of {args.log} into {result['output']}")
+    with _client(args) as client, _progress_bar() as bar:
+        result = client.merge(
+            args.source,
+            args.log,
+            args.output,
+            force=args.force,
+            in_place=args.in_place,
+            on_progress=bar,
+        )
+    _print_merge(result)
 
 
 def cmd_merge_all(args: argparse.Namespace) -> None:
-    with _client(args) as client:
+    with _client(args) as client, _progress_bar() as bar:
         result = client.merge_all(
-            args.source, args.output, on_conflict=args.on_conflict, force=args.force
+            args.source,
+            args.output,
+            on_conflict=args.on_conflict,
+            force=args.force,
+            in_place=args.in_place,
+            on_progress=bar,
         )
+    _print_merge(result)
+
+
+def _print_merge(result: dict) -> None:
+    if result.get("noop"):
+        print(f"{result['output']} already holds every committed batch")
+        return
     print(
         f"merged {result['batches']} batches from {result['logs']} logs"
         f" into {result['output']}"
     )
+
+
+@contextlib.contextmanager
+def _progress_bar():
+    """A progress callback drawing a bar on a terminal, or None."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    drawn = False
+
+    def draw(event: dict) -> None:
+        nonlocal drawn
+        total = max(event.get("total") or 1, 1)
+        share = min(event.get("done", 0) / total, 1.0)
+        filled = int(share * _BAR_WIDTH)
+        bar = "#" * filled + "-" * (_BAR_WIDTH - filled)
+        phase = event.get("phase", "")
+        sys.stderr.write(f"\r[{bar}] {share * 100:5.1f}% {phase:<8}")
+        sys.stderr.flush()
+        drawn = True
+
+    try:
+        yield draw
+    finally:
+        if drawn:
+            sys.stderr.write("\n")
+
+
+_BAR_WIDTH = 40
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        reports = client.verify(args.logs)
+    if args.json:
+        _print_json(reports)
+    else:
+        for report in reports:
+            print(_verify_line(report))
+
+    return 0 if all(report["ok"] for report in reports) else 1
+
+
+def _verify_line(report: dict) -> str:
+    if "error" in report:
+        return f"{report['path']}: BAD: {report['error']}"
+    good = report["good"]
+    seqs = f" (seq {good[0][0]}..{good[-1][0]})" if good else ""
+    line = f"{report['path']}: {len(good)} good batches{seqs}"
+    if report["corrupt_at"] is not None:
+        line += (
+            f"; CORRUPT at byte {report['corrupt_at']}: {report['corrupt_reason']},"
+            " nothing from there on is applied"
+        )
+    if report["pending_bytes"]:
+        line += f"; {report['pending_bytes']} bytes of an uncommitted batch at the end"
+
+    return line
+
+
+def cmd_prune(args: argparse.Namespace) -> None:
+    older = args.older_than * 86400 if args.older_than is not None else None
+    with _client(args) as client:
+        result = client.prune(older_than=older, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    for path in result["pruned"]:
+        print(f"{verb} {path}")
+    print(f"{verb} {len(result['pruned'])} logs")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -14,13 +14,14 @@ import os
 import socket
 import stat
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
 
 from cowd import protocol
 from cowd.durable import fsync_dir
-from cowd.protocol import Unavailable
+from cowd.protocol import InvalidArgument, Unavailable
 
 # Where a system-wide cowd listens (see systemd/cowd.socket).
 DEFAULT_SOCKET = "/run/cowd/cowd.sock"
@@ -60,8 +61,17 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def call(self, method: str, params: dict | None = None, fds: list[int] = ()):
-        """Send one request and wait for its reply."""
+    def call(
+        self,
+        method: str,
+        params: dict | None = None,
+        fds: list[int] = (),
+        on_progress: Callable[[dict], None] | None = None,
+    ) -> Any:
+        """Send one request and wait for its reply.
+
+        Progress notifications that arrive meanwhile go to on_progress.
+        """
         params = dict(params or {})
         if fds:
             params["fds"] = len(fds)
@@ -69,7 +79,7 @@ class Client:
         frame = protocol.request(self._msgid, method, params)
         try:
             self._send(frame, fds)
-            reply = self._receive()
+            reply = self._receive(on_progress)
         except OSError as exc:
             raise Unavailable(f"lost connection to cowd: {exc}") from None
         _, msgid, error, result = reply
@@ -86,13 +96,17 @@ class Client:
         sent = self._sock.sendmsg([frame], rights)
         self._sock.sendall(frame[sent:])
 
-    def _receive(self) -> list:
+    def _receive(self, on_progress: Callable[[dict], None] | None) -> list:
         while True:
             for msg in self._unpacker:
                 if msg[0] == protocol.RESPONSE and msg[1] == self._msgid:
                     return msg
-                if msg[0] == protocol.NOTIFICATION and msg[1] == "error":
+                if msg[0] != protocol.NOTIFICATION:
+                    continue
+                if msg[1] == "error":
                     raise protocol.error_from_wire(msg[2][0])
+                if msg[1] == "progress" and on_progress is not None:
+                    on_progress(msg[2][0])
             data = self._sock.recv(_RECV_SIZE)
             if not data:
                 raise Unavailable("cowd closed the connection")
@@ -119,12 +133,18 @@ class Client:
         return self.call("log_show", {"log": log})
 
     def merge(
-        self, source: str, log: str, output: str | None = None, force: bool = False
+        self,
+        source: str,
+        log: str,
+        output: str | None = None,
+        force: bool = False,
+        in_place: bool = False,
+        on_progress: Callable[[dict], None] | None = None,
     ) -> dict[str, Any]:
-        """Apply one log to a copy of source."""
+        """Apply one log to a copy of source (or to source itself)."""
         params = {"log": log, "force": force}
 
-        return self._merge("merge", source, output, params)
+        return self._merge("merge", source, output, in_place, params, on_progress)
 
     def merge_all(
         self,
@@ -132,33 +152,71 @@ class Client:
         output: str | None = None,
         on_conflict: str = "fail",
         force: bool = False,
+        in_place: bool = False,
+        on_progress: Callable[[dict], None] | None = None,
     ) -> dict[str, Any]:
-        """Apply every committed log of source, in commit order."""
+        """Apply every committed log of source, in commit order.
+
+        With in_place, source is replaced atomically by the result;
+        processes that map the old version keep it.  Only batches the
+        file does not hold yet are applied, and when there are none the
+        file is left as it is.
+        """
         params = {"on_conflict": on_conflict, "force": force}
 
-        return self._merge("merge_all", source, output, params)
+        return self._merge("merge_all", source, output, in_place, params, on_progress)
+
+    def verify(self, logs: list[str] = ()) -> list[dict[str, Any]]:
+        """Check logs batch by batch (all visible logs when none named)."""
+        return self.call("verify", {"logs": list(logs)})
+
+    def prune(
+        self, older_than: float | None = None, dry_run: bool = False
+    ) -> dict[str, Any]:
+        """Remove logs of ended sessions that merge outputs fully hold."""
+        return self.call("prune", {"older_than": older_than, "dry_run": dry_run})
 
     def _merge(
-        self, method: str, source: str, output: str | None, params: dict
+        self,
+        method: str,
+        source: str,
+        output: str | None,
+        in_place: bool,
+        params: dict,
+        on_progress: Callable[[dict], None] | None,
     ) -> dict[str, Any]:
+        if in_place:
+            if output is not None:
+                raise InvalidArgument("--in-place and -o exclude each other")
+            output = source
+            params = {**params, "in_place": True}
+        params["progress"] = on_progress is not None
         src = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
         try:
             if output is None:
-                return self.call(method, params, [src])
-            return self._merge_into(method, src, output, params)
+                return self.call(method, params, [src], on_progress)
+            return self._merge_into(method, src, output, params, on_progress)
         finally:
             os.close(src)
 
     def _merge_into(
-        self, method: str, src: int, output: str, params: dict
+        self,
+        method: str,
+        src: int,
+        output: str,
+        params: dict,
+        on_progress: Callable[[dict], None] | None,
     ) -> dict[str, Any]:
         output = os.path.abspath(output)
         folder, name = os.path.split(output)
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
         try:
             os.fchmod(fd, stat.S_IMODE(os.fstat(src).st_mode))
-            result = self.call(method, params, [src, fd])
-            os.replace(tmp, output)
+            result = self.call(method, params, [src, fd], on_progress)
+            if result.get("noop"):
+                os.unlink(tmp)
+            else:
+                os.replace(tmp, output)
         except BaseException:
             os.unlink(tmp)
             raise
