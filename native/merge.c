@@ -1,0 +1,1613 @@
+/*
+ * merge.c: the merge engine: applies the committed batches of several
+ * logs, in commit order, to a copy of their base file, in memory that
+ * does not grow with the logs.
+ *
+ * What a merge computes.  The output starts as a copy of the base,
+ * lengthened as far as the furthest record reaches (bytes between the
+ * end of the base and a record are zero).  Every committed batch of
+ * every log whose seq is above that log's min_seq is applied, in global
+ * commit order: by seq, and for two batches with the same seq (which
+ * cowd never stamps) in the order of the logs.  The records of a batch
+ * are applied in the order they were logged.  An open or torn batch at
+ * the end of a log is never applied.  A batch that fails its checks, or
+ * whose seq is not above the previous batch's in the same log, makes
+ * the log corrupt from that batch's first byte, and the whole merge is
+ * refused before anything is written.
+ *
+ * Conflicts are defined in that order, byte by byte.  A byte has an
+ * owner, the session that last wrote it (none at first), and a value.
+ * When session t writes value v to a byte:
+ *
+ *   - if nobody or t owns the byte, it takes v and t owns it;
+ *   - if another session o owns it and it holds v already, t owns it;
+ *   - if o owns it and it holds another value, o and t conflict there,
+ *     and the policy decides: LAST stores v and gives the byte to t;
+ *     FIRST ignores the write, so o keeps the byte (and o's later writes
+ *     still apply, while t's later different writes conflict again);
+ *     FAIL goes on as LAST does, so as to find every conflict, and the
+ *     merge fails at the end, its output incomplete.
+ *
+ * So a session never conflicts with its own earlier writes (nor two logs
+ * given the same session number with each other) and equal bytes never
+ * conflict.  Conflicting bytes are reported as ranges [start, end) with
+ * the two sessions, the lower number first: adjacent bytes in conflict
+ * between the same two sessions make one range, whichever of them wrote
+ * first and however often.  A byte in conflict between several pairs
+ * belongs to one range per pair; conflict_bytes counts it once.
+ *
+ * How, in bounded memory.  The output is cut into windows of W bytes.
+ *
+ *   1. Scan: each log is read once, front to back, through one buffer;
+ *      every batch's CRC and record count are checked.  For each batch to
+ *      apply, its records are walked again (from the buffer when the
+ *      batch fits in it) to count, per window, the bytes of the spill
+ *      entries they will become: a record crossing windows becomes one
+ *      piece per window.  These counters, 8 bytes per window, are the
+ *      only memory that grows with the output; nothing grows with the
+ *      logs.
+ *   2. Spill: prefix sums turn the counters into the start of each
+ *      window's region of the spill file.  The logs' batches are then
+ *      taken in commit order, a k-way merge over one cursor per log
+ *      (each log's batches are already in order), and every piece is
+ *      written at its window's cursor, which then advances.  So each
+ *      region holds its window's pieces in commit order.  Pieces are
+ *      gathered in a buffer and written sorted by destination; a piece
+ *      too large for the buffer is copied straight from the log.
+ *   3. Apply: windows are done in order.  A window with no pieces is
+ *      copied from the base with copy_file_range(2), or skipped when the
+ *      output was cloned from the base (FICLONE) or lies past the base's
+ *      end (ftruncate(2) made it zeros).  Otherwise the headers of the
+ *      window's region mark the blocks (COW__BLOCK bytes) that pieces
+ *      touch; the base's bytes of those blocks are read into a buffer;
+ *      the region is read front to back and each piece applied with the
+ *      rules above, using an owner array of one 32-bit tag per byte of
+ *      the window; and the marked blocks are written, the others copied
+ *      from the base in the kernel like empty windows.
+ *
+ * An owner tag is a slot, the caller's sessions numbered densely from 1,
+ * in its low COW__SLOT_BITS bits, and an epoch above them.  Each pass
+ * over (part of) a window takes a new epoch, and a tag from any other
+ * epoch means "no owner", so the array never needs clearing between
+ * windows; it is zeroed once every COW__EPOCHS - 1 passes, when epochs
+ * wrap around.
+ *
+ * Conflict ranges of a window are gathered as runs in a fixed array,
+ * compacted (sorted by pair, adjacent runs joined) when it fills, and at
+ * the window's end sorted by offset and reported, except those reaching
+ * the window's end, which are carried into the next window to be joined
+ * with what continues there.  If a window has more separate ranges than
+ * the array can hold, the window is written anyway, then applied again
+ * for its ranges only, in halves (recursively) small enough: a byte's
+ * fate depends only on the pieces that cover it, so any part of a window
+ * can be redone alone.  Ranges are reported in the order they are
+ * completed, which is by offset within a window; the caller sorts.
+ *
+ * Memory: in the apply pass, a window-sized value buffer, the 4-byte
+ * owner tags and a conflict bit per byte of a window, plus about 1.4 MiB
+ * of fixed buffers (see the sizes below); in the spill pass, about 3.2
+ * MiB of staging buffers and a read buffer per log (4 MiB shared by the
+ * logs, at least 16 KiB each); throughout, 8 bytes per window of output
+ * and a few dozen bytes per log.  With the default 1 MiB window that is
+ * about 7.3 MiB at most, for up to 256 logs, whatever their size.
+ * Nothing is mapped, so the resident size is that.
+ */
+#include <errno.h>
+#include <linux/fs.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "cow_merge.h"
+#include "merge_internal.h"
+
+/* Read buffer of the scan pass, reused for every log. */
+#define COW__SCAN_BUFFER (1u << 20)
+
+/*
+ * Read buffers of the spill pass: the budget is shared among the logs,
+ * each getting at least the minimum (so a merge of many logs uses more)
+ * and at most the maximum.
+ */
+#define COW__SPILL_READ_BUDGET (4u << 20)
+#define COW__SPILL_READ_MIN (16u << 10)
+#define COW__SPILL_READ_MAX (1u << 20)
+
+/*
+ * Pieces waiting to be written to the spill file.  A piece larger than a
+ * quarter of it is written directly, so that one piece never empties the
+ * buffer on its own.
+ */
+#define COW__STAGE_BUFFER (1u << 20)
+
+/* Read buffer over the spill file in the apply pass. */
+#define COW__APPLY_BUFFER (1u << 20)
+
+/* Conflict runs held at once (24 bytes each). */
+#define COW__RUNS (1u << 14)
+
+/* A spill entry's header: slot u32 | offset in window u32 | length u32. */
+#define COW__ENTRY_HEAD 12
+
+/* Smallest stride between two progress reports, in bytes of the phase. */
+#define COW__TICK (1u << 20)
+
+/* Most progress reports per phase, on top of the first and last. */
+#define COW__TICKS 1024
+
+/*
+ * Unit in which a window with pieces is written: blocks that pieces touch
+ * are written from the window's buffer, the others copied from the base
+ * in the kernel (or left alone in a cloned output).  A window smaller
+ * than this is one block.
+ */
+#define COW__BLOCK 4096u
+
+/* Empty windows copied with one copy_file_range run, at most. */
+#define COW__COPY_RUN (64u << 20)
+
+/* Owner tags: the slot below, the epoch above; see the top comment. */
+#define COW__SLOT_BITS 20
+#define COW__SLOT_MASK ((1u << COW__SLOT_BITS) - 1)
+#define COW__EPOCHS (1u << (32 - COW__SLOT_BITS))
+
+/* What the engine knows of one log. */
+struct cow__log {
+    struct cow_merge_log *in;
+    uint32_t slot;
+    /* The file's size when the merge began; nothing after it is read. */
+    uint64_t size;
+    /* Offset of the first batch to apply, valid once live is set. */
+    uint64_t first;
+    bool live;
+    /* Spill pass: this log's buffer and the batch it will apply next. */
+    struct cow__reader reader;
+    struct cow__batch next;
+};
+
+/* Pieces gathered for the spill file; see cow__stage_piece(). */
+struct cow__item {
+    uint64_t dest;
+    uint32_t at;
+    uint32_t len;
+};
+
+struct cow__stage {
+    unsigned char *data;
+    unsigned char *out;
+    size_t used;
+    struct cow__item *items;
+    size_t nitems;
+    size_t maxitems;
+};
+
+/* State of the apply pass. */
+struct cow__apply {
+    unsigned char *val;
+    uint32_t *owner;
+    /* One bit per byte of the window: it conflicted at least once. */
+    uint64_t *hit;
+    bool hits;
+    uint32_t epoch;
+    struct cow__reader reader;
+
+    /* The window: its offset in the output and its length. */
+    uint64_t wstart;
+    uint32_t wlen;
+    /* The part of it being applied. */
+    uint32_t lo;
+    uint32_t hi;
+    /* One bit per block of the window: pieces touch it. */
+    uint64_t *blocks;
+    uint32_t block;
+    /* First pass over the window: count conflicting bytes. */
+    bool count;
+    /* Runs are still being gathered: the array has not overflowed. */
+    bool collect;
+
+    /*
+     * The run being extended, then the array of runs: the first ncarry
+     * came from the windows before and reach this window's start.
+     */
+    struct cow_merge_conflict run;
+    bool has_run;
+    struct cow_merge_conflict *runs;
+    size_t nruns;
+    size_t ncarry;
+};
+
+struct cow__merge {
+    struct cow__log *logs;
+    size_t nlogs;
+    /* sessions[slot] is the caller's number of slot's session. */
+    uint32_t *sessions;
+    size_t nslots;
+    int base_fd;
+    int out_fd;
+    int spill_fd;
+    int policy;
+    uint64_t window;
+    uint64_t base_size;
+    uint64_t out_size;
+    uint64_t nwin;
+    /*
+     * Per window: bytes of spill entries (scan), then where the window's
+     * next entry goes (spill), which leaves the end of its region.
+     */
+    uint64_t *counts;
+    uint64_t ncounts;
+    uint64_t spill_size;
+    bool conflicted;
+    bool no_copy_range;
+    struct cow_merge_conflict *conflicts;
+    size_t max_conflicts;
+    struct cow_merge_stats *stats;
+    struct cow__mem mem;
+
+    struct cow_merge_progress *progress;
+    int phase;
+    uint64_t total;
+    uint64_t ticked;
+};
+
+/* -- progress -------------------------------------------------------- */
+
+/*
+ * Publishes how far the merge is, calls the caller's function if there
+ * is one, and stops the merge if the caller asked.
+ */
+static int cow__report(struct cow__merge *m, uint64_t done)
+{
+    struct cow_merge_progress *p = m->progress;
+
+    m->ticked = done;
+    if (p == NULL)
+        return 0;
+    __atomic_store_n(&p->phase, m->phase, __ATOMIC_RELAXED);
+    __atomic_store_n(&p->total, m->total, __ATOMIC_RELAXED);
+    __atomic_store_n(&p->done, done, __ATOMIC_RELAXED);
+    if (p->fn != NULL && p->fn(p->arg, m->phase, done, m->total) != 0)
+        return -ECANCELED;
+
+    return __atomic_load_n(&p->cancel, __ATOMIC_RELAXED) ? -ECANCELED : 0;
+}
+
+static int cow__phase(struct cow__merge *m, int phase, uint64_t total)
+{
+    m->phase = phase;
+    m->total = total;
+
+    return cow__report(m, 0);
+}
+
+/* Reports progress when enough was done since the last report. */
+static int cow__tick(struct cow__merge *m, uint64_t done)
+{
+    uint64_t stride = m->total / COW__TICKS;
+
+    if (stride < COW__TICK)
+        stride = COW__TICK;
+    if (done - m->ticked >= stride || (done == m->total && m->ticked < done))
+        return cow__report(m, done);
+
+    return 0;
+}
+
+/* -- scan pass ------------------------------------------------------- */
+
+static uint64_t cow__min(uint64_t a, uint64_t b)
+{
+    return a < b ? a : b;
+}
+
+/* Makes the counter array hold at least n windows, zeroed. */
+static int cow__grow_counts(struct cow__merge *m, uint64_t n)
+{
+    uint64_t want = n + n / 8;
+    uint64_t *p;
+
+    if (n <= m->ncounts)
+        return 0;
+    if (want > SIZE_MAX / sizeof(uint64_t))
+        return -ENOMEM;
+    p = cow__realloc(&m->mem, m->counts, m->ncounts * sizeof(uint64_t),
+                     want * sizeof(uint64_t));
+    if (p == NULL)
+        return -ENOMEM;
+    memset(p + m->ncounts, 0, (want - m->ncounts) * sizeof(uint64_t));
+    m->counts = p;
+    m->ncounts = want;
+
+    return 0;
+}
+
+/* Counts the spill bytes of a record of len bytes at off. */
+static int cow__count_record(struct cow__merge *m, uint64_t off,
+                             uint64_t len)
+{
+    uint64_t end, w, last;
+    int rc;
+
+    if (len == 0)
+        return 0;
+    if (off > (uint64_t)INT64_MAX - len)
+        return -EFBIG;
+    end = off + len;
+    last = (end - 1) / m->window;
+    rc = cow__grow_counts(m, last + 1);
+    if (rc < 0)
+        return rc;
+    if (end > m->out_size)
+        m->out_size = end;
+
+    for (w = off / m->window; w <= last; w++) {
+        uint64_t ws = w * m->window;
+        uint64_t lo = off > ws ? off : ws;
+        uint64_t hi = cow__min(end, ws + m->window);
+
+        m->counts[w] += COW__ENTRY_HEAD + (hi - lo);
+    }
+
+    return 0;
+}
+
+/* Counts the records of a batch to apply, and takes note of it. */
+static int cow__count_batch(struct cow__merge *m, struct cow__log *lg,
+                            struct cow__reader *r,
+                            const struct cow__batch *b)
+{
+    uint64_t pos = b->start;
+    const unsigned char *p;
+    int rc;
+
+    while (pos < b->marker) {
+        rc = cow__reader_get(r, pos, COW__RECORD_HEAD, &p);
+        if (rc != 0)
+            return rc < 0 ? rc : -EIO;
+        rc = cow__count_record(m, cow__le64(p + 1), cow__le32(p + 9));
+        if (rc < 0)
+            return rc;
+        pos += COW__RECORD_HEAD + (uint64_t)cow__le32(p + 9);
+    }
+
+    if (!lg->live) {
+        lg->live = true;
+        lg->first = b->start;
+    }
+    lg->in->last_seq = b->seq;
+    lg->in->applied_end = b->end;
+    lg->in->batches++;
+    lg->in->records += b->records;
+    m->stats->batches++;
+    m->stats->records += b->records;
+    m->stats->bytes_applied += b->bytes;
+
+    return 0;
+}
+
+static int cow__refuse(struct cow__merge *m, size_t k, uint64_t offset)
+{
+    m->stats->corrupt_log = (int)k;
+    m->stats->corrupt_offset = offset;
+
+    return -EBADMSG;
+}
+
+/* Scans log k; done is the progress of the phase before it. */
+static int cow__scan_log(struct cow__merge *m, size_t k,
+                         struct cow__reader *r, uint64_t done)
+{
+    struct cow__log *lg = &m->logs[k];
+    char *reason = m->stats->corrupt_reason;
+    size_t reason_len = sizeof(m->stats->corrupt_reason);
+    uint64_t pos = lg->in->data_start;
+    uint64_t prev = 0;
+    struct cow__batch b;
+    int rc;
+
+    r->fd = lg->in->fd;
+    r->limit = lg->size;
+    r->base = 0;
+    r->len = 0;
+    for (;;) {
+        rc = cow__walk_batch(r, pos, &b, reason, reason_len);
+        if (rc == COW__BATCH_OK && pos > lg->in->data_start && b.seq <= prev) {
+            snprintf(reason, reason_len, COW__OUT_OF_ORDER);
+            rc = COW__BATCH_CORRUPT;
+        }
+        if (rc < 0)
+            return rc;
+        if (rc == COW__BATCH_CORRUPT)
+            return cow__refuse(m, k, pos);
+        if (rc == COW__BATCH_TORN)
+            lg->in->pending_bytes = lg->size - pos;
+        if (rc != COW__BATCH_OK)
+            return 0;
+
+        prev = b.seq;
+        if (b.seq > lg->in->min_seq) {
+            rc = cow__count_batch(m, lg, r, &b);
+            if (rc < 0)
+                return rc;
+        }
+        pos = b.end;
+        rc = cow__tick(m, done + (pos - lg->in->data_start));
+        if (rc < 0)
+            return rc;
+    }
+}
+
+static int cow__scan(struct cow__merge *m)
+{
+    struct cow__reader r;
+    uint64_t total = 0, done = 0;
+    size_t k;
+    int rc;
+
+    for (k = 0; k < m->nlogs; k++)
+        total += m->logs[k].size - m->logs[k].in->data_start;
+    rc = cow__phase(m, COW_MERGE_SCAN, total);
+    if (rc < 0)
+        return rc;
+    rc = cow__reader_init(&r, &m->mem, -1, COW__SCAN_BUFFER, 0);
+    if (rc < 0)
+        return rc;
+
+    for (k = 0; k < m->nlogs && rc == 0; k++) {
+        rc = cow__scan_log(m, k, &r, done);
+        done += m->logs[k].size - m->logs[k].in->data_start;
+    }
+    cow__reader_free(&r, &m->mem);
+    if (rc < 0)
+        return rc;
+
+    m->nwin = m->out_size / m->window + (m->out_size % m->window != 0);
+    rc = cow__grow_counts(m, m->nwin);
+    if (rc < 0)
+        return rc;
+    m->stats->out_size = m->out_size;
+    m->stats->windows = m->nwin;
+
+    return cow__tick(m, total);
+}
+
+/* -- spill pass ------------------------------------------------------ */
+
+static int cow__item_cmp(const void *a, const void *b)
+{
+    const struct cow__item *x = a, *y = b;
+
+    return (x->dest > y->dest) - (x->dest < y->dest);
+}
+
+/*
+ * Writes the gathered pieces, sorted by destination: pieces that follow
+ * each other in the spill file go out in one write.
+ */
+static int cow__stage_flush(struct cow__merge *m, struct cow__stage *st)
+{
+    uint64_t dest = 0;
+    size_t n = 0, i;
+    int rc;
+
+    qsort(st->items, st->nitems, sizeof(*st->items), cow__item_cmp);
+    for (i = 0; i < st->nitems; i++) {
+        const struct cow__item *it = &st->items[i];
+
+        if (n > 0 && it->dest != dest + n) {
+            rc = cow__pwrite_all(m->spill_fd, st->out, n, dest);
+            if (rc < 0)
+                return rc;
+            n = 0;
+        }
+        if (n == 0)
+            dest = it->dest;
+        memcpy(st->out + n, st->data + it->at, it->len);
+        n += it->len;
+    }
+    st->nitems = 0;
+    st->used = 0;
+
+    return n > 0 ? cow__pwrite_all(m->spill_fd, st->out, n, dest) : 0;
+}
+
+/* Copies n bytes at src of the log into dst. */
+static int cow__copy_out(struct cow__reader *r, uint64_t src,
+                         unsigned char *dst, uint64_t n)
+{
+    while (n > 0) {
+        size_t step = (size_t)cow__min(n, r->cap);
+        const unsigned char *p;
+        int rc = cow__reader_get(r, src, step, &p);
+
+        if (rc != 0)
+            return rc < 0 ? rc : -EIO;
+        memcpy(dst, p, step);
+        dst += step;
+        src += step;
+        n -= step;
+    }
+
+    return 0;
+}
+
+/* Writes a large piece straight from the log to the spill file. */
+static int cow__spill_direct(struct cow__merge *m, struct cow__reader *r,
+                             const unsigned char *head, uint64_t dest,
+                             uint64_t src, uint64_t n)
+{
+    int rc = cow__pwrite_all(m->spill_fd, head, COW__ENTRY_HEAD, dest);
+
+    dest += COW__ENTRY_HEAD;
+    while (rc == 0 && n > 0) {
+        size_t step = (size_t)cow__min(n, r->cap);
+        const unsigned char *p;
+
+        rc = cow__reader_get(r, src, step, &p);
+        if (rc > 0)
+            return -EIO;
+        if (rc == 0)
+            rc = cow__pwrite_all(m->spill_fd, p, step, dest);
+        dest += step;
+        src += step;
+        n -= step;
+    }
+
+    return rc;
+}
+
+/*
+ * Places a piece: n bytes at src in the log, for offset woff of window
+ * w, written by slot.  Its place in the spill file is fixed now, at the
+ * window's cursor, even if the bytes are written later.
+ */
+static int cow__stage_piece(struct cow__merge *m, struct cow__stage *st,
+                            struct cow__log *lg, uint64_t w, uint32_t woff,
+                            uint64_t src, uint32_t n)
+{
+    uint64_t size = COW__ENTRY_HEAD + (uint64_t)n;
+    uint64_t dest = m->counts[w];
+    unsigned char head[COW__ENTRY_HEAD];
+    struct cow__item *it;
+    int rc;
+
+    /* The scan counted these very pieces; anything else is a change. */
+    if (dest + size > m->spill_size)
+        return -EIO;
+    m->counts[w] += size;
+    cow__put32(head, lg->slot);
+    cow__put32(head + 4, woff);
+    cow__put32(head + 8, n);
+    if (size > COW__STAGE_BUFFER / 4)
+        return cow__spill_direct(m, &lg->reader, head, dest, src, n);
+
+    if (st->used + size > COW__STAGE_BUFFER || st->nitems == st->maxitems) {
+        rc = cow__stage_flush(m, st);
+        if (rc < 0)
+            return rc;
+    }
+    it = &st->items[st->nitems++];
+    it->dest = dest;
+    it->at = (uint32_t)st->used;
+    it->len = (uint32_t)size;
+    memcpy(st->data + st->used, head, COW__ENTRY_HEAD);
+    st->used += size;
+
+    return cow__copy_out(&lg->reader, src,
+                         st->data + it->at + COW__ENTRY_HEAD, n);
+}
+
+/* Cuts a record (len bytes at off, data at src) into window pieces. */
+static int cow__spill_record(struct cow__merge *m, struct cow__stage *st,
+                             struct cow__log *lg, uint64_t off,
+                             uint64_t len, uint64_t src)
+{
+    uint64_t end = off + len;
+    uint64_t cur = off;
+    int rc;
+
+    while (cur < end) {
+        uint64_t w = cur / m->window;
+        uint64_t ws = w * m->window;
+        uint64_t hi = cow__min(end, ws + m->window);
+
+        rc = cow__stage_piece(m, st, lg, w, (uint32_t)(cur - ws),
+                              src + (cur - off), (uint32_t)(hi - cur));
+        if (rc < 0)
+            return rc;
+        cur = hi;
+    }
+
+    return 0;
+}
+
+static int cow__spill_batch(struct cow__merge *m, struct cow__stage *st,
+                            struct cow__log *lg)
+{
+    const struct cow__batch *b = &lg->next;
+    uint64_t pos = b->start;
+    const unsigned char *p;
+    uint64_t off, len;
+    int rc;
+
+    while (pos < b->marker) {
+        rc = cow__reader_get(&lg->reader, pos, COW__RECORD_HEAD, &p);
+        if (rc != 0)
+            return rc < 0 ? rc : -EIO;
+        off = cow__le64(p + 1);
+        len = cow__le32(p + 9);
+        pos += COW__RECORD_HEAD;
+        rc = cow__spill_record(m, st, lg, off, len, pos);
+        if (rc < 0)
+            return rc;
+        pos += len;
+    }
+
+    return 0;
+}
+
+/*
+ * Reads the batch of lg at pos, to be applied next.  The scan checked it
+ * already; checking it again (the CRC is cheap) is what guarantees that
+ * the pieces written are the ones counted.
+ */
+static int cow__peek(struct cow__log *lg, uint64_t pos)
+{
+    char reason[64];
+    int rc = cow__walk_batch(&lg->reader, pos, &lg->next, reason,
+                             sizeof(reason));
+
+    if (rc < 0)
+        return rc;
+
+    return rc == COW__BATCH_OK ? 0 : -EIO;
+}
+
+/* The k-way merge's heap of logs, ordered by next seq, then log index. */
+static bool cow__before(struct cow__merge *m, size_t a, size_t b)
+{
+    uint64_t sa = m->logs[a].next.seq, sb = m->logs[b].next.seq;
+
+    return sa < sb || (sa == sb && a < b);
+}
+
+static void cow__heap_push(struct cow__merge *m, size_t *heap, size_t *n,
+                           size_t k)
+{
+    size_t i = (*n)++;
+
+    while (i > 0 && cow__before(m, k, heap[(i - 1) / 2])) {
+        heap[i] = heap[(i - 1) / 2];
+        i = (i - 1) / 2;
+    }
+    heap[i] = k;
+}
+
+static size_t cow__heap_pop(struct cow__merge *m, size_t *heap, size_t *n)
+{
+    size_t top = heap[0];
+    size_t last = heap[--(*n)];
+    size_t i = 0;
+
+    for (;;) {
+        size_t c = 2 * i + 1;
+
+        if (c >= *n)
+            break;
+        if (c + 1 < *n && cow__before(m, heap[c + 1], heap[c]))
+            c++;
+        if (!cow__before(m, heap[c], last))
+            break;
+        heap[i] = heap[c];
+        i = c;
+    }
+    if (*n > 0)
+        heap[i] = last;
+
+    return top;
+}
+
+static size_t cow__spill_read_size(size_t nlogs)
+{
+    size_t size = COW__SPILL_READ_BUDGET / (nlogs > 0 ? nlogs : 1);
+
+    if (size < COW__SPILL_READ_MIN)
+        size = COW__SPILL_READ_MIN;
+    if (size > COW__SPILL_READ_MAX)
+        size = COW__SPILL_READ_MAX;
+
+    return size;
+}
+
+/* Opens a cursor on every log with batches to apply, into the heap. */
+static int cow__spill_open(struct cow__merge *m, size_t *heap, size_t *n,
+                           uint64_t *total)
+{
+    size_t size = cow__spill_read_size(m->nlogs);
+    size_t k;
+    int rc;
+
+    for (k = 0; k < m->nlogs; k++) {
+        struct cow__log *lg = &m->logs[k];
+
+        if (!lg->live)
+            continue;
+        rc = cow__reader_init(&lg->reader, &m->mem, lg->in->fd, size,
+                              lg->in->applied_end);
+        if (rc < 0)
+            return rc;
+        rc = cow__peek(lg, lg->first);
+        if (rc < 0)
+            return rc;
+        *total += lg->in->applied_end - lg->first;
+        cow__heap_push(m, heap, n, k);
+    }
+
+    return 0;
+}
+
+/* Takes every batch to apply in commit order, writing its pieces. */
+static int cow__spill_all(struct cow__merge *m, struct cow__stage *st,
+                          size_t *heap, size_t n)
+{
+    uint64_t done = 0;
+    int rc;
+
+    while (n > 0) {
+        size_t k = cow__heap_pop(m, heap, &n);
+        struct cow__log *lg = &m->logs[k];
+        uint64_t end = lg->next.end;
+
+        rc = cow__spill_batch(m, st, lg);
+        if (rc < 0)
+            return rc;
+        done += end - lg->next.start;
+        if (end < lg->in->applied_end) {
+            rc = cow__peek(lg, end);
+            if (rc < 0)
+                return rc;
+            cow__heap_push(m, heap, &n, k);
+        }
+        rc = cow__tick(m, done);
+        if (rc < 0)
+            return rc;
+    }
+
+    return cow__stage_flush(m, st);
+}
+
+static int cow__stage_init(struct cow__merge *m, struct cow__stage *st)
+{
+    memset(st, 0, sizeof(*st));
+    /* Every piece staged holds at least its header and one byte. */
+    st->maxitems = COW__STAGE_BUFFER / (COW__ENTRY_HEAD + 1) + 1;
+    st->data = cow__alloc(&m->mem, COW__STAGE_BUFFER);
+    st->out = cow__alloc(&m->mem, COW__STAGE_BUFFER);
+    st->items = cow__alloc(&m->mem, st->maxitems * sizeof(*st->items));
+    if (st->data == NULL || st->out == NULL || st->items == NULL)
+        return -ENOMEM;
+
+    return 0;
+}
+
+static void cow__stage_free(struct cow__merge *m, struct cow__stage *st)
+{
+    cow__free(&m->mem, st->data, COW__STAGE_BUFFER);
+    cow__free(&m->mem, st->out, COW__STAGE_BUFFER);
+    cow__free(&m->mem, st->items, st->maxitems * sizeof(*st->items));
+}
+
+static int cow__spill(struct cow__merge *m)
+{
+    struct cow__stage st;
+    uint64_t sum = 0, total = 0, w;
+    size_t *heap;
+    size_t n = 0, k;
+    int rc;
+
+    for (w = 0; w < m->nwin; w++) {
+        uint64_t c = m->counts[w];
+
+        m->counts[w] = sum;
+        sum += c;
+    }
+    m->spill_size = sum;
+    m->stats->spill_bytes = sum;
+
+    heap = cow__alloc(&m->mem, m->nlogs * sizeof(*heap));
+    rc = heap == NULL ? -ENOMEM : cow__stage_init(m, &st);
+    if (rc == 0)
+        rc = cow__spill_open(m, heap, &n, &total);
+    if (rc == 0)
+        rc = cow__phase(m, COW_MERGE_SPILL, total);
+    if (rc == 0)
+        rc = cow__spill_all(m, &st, heap, n);
+
+    for (k = 0; k < m->nlogs; k++)
+        cow__reader_free(&m->logs[k].reader, &m->mem);
+    if (heap != NULL)
+        cow__stage_free(m, &st);
+    cow__free(&m->mem, heap, m->nlogs * sizeof(*heap));
+
+    return rc;
+}
+
+/* -- conflict runs --------------------------------------------------- */
+
+static int cow__run_pair_cmp(const void *a, const void *b)
+{
+    const struct cow_merge_conflict *x = a, *y = b;
+
+    if (x->session_a != y->session_a)
+        return x->session_a < y->session_a ? -1 : 1;
+    if (x->session_b != y->session_b)
+        return x->session_b < y->session_b ? -1 : 1;
+    if (x->start != y->start)
+        return x->start < y->start ? -1 : 1;
+
+    return (x->end > y->end) - (x->end < y->end);
+}
+
+static int cow__run_start_cmp(const void *a, const void *b)
+{
+    const struct cow_merge_conflict *x = a, *y = b;
+
+    if (x->start != y->start)
+        return x->start < y->start ? -1 : 1;
+    if (x->session_a != y->session_a)
+        return x->session_a < y->session_a ? -1 : 1;
+
+    return (x->session_b > y->session_b) - (x->session_b < y->session_b);
+}
+
+/*
+ * Joins the runs of v that overlap or touch and have the same pair of
+ * sessions; returns how many are left, at the front of v.
+ */
+static size_t cow__runs_compact(struct cow_merge_conflict *v, size_t n)
+{
+    size_t out = 0, i;
+
+    qsort(v, n, sizeof(*v), cow__run_pair_cmp);
+    for (i = 0; i < n; i++) {
+        struct cow_merge_conflict *last = out > 0 ? &v[out - 1] : NULL;
+
+        if (last != NULL && last->session_a == v[i].session_a &&
+            last->session_b == v[i].session_b && v[i].start <= last->end) {
+            if (v[i].end > last->end)
+                last->end = v[i].end;
+            continue;
+        }
+        v[out++] = v[i];
+    }
+
+    return out;
+}
+
+static void cow__emit(struct cow__merge *m, const struct cow_merge_conflict *c)
+{
+    struct cow_merge_stats *s = m->stats;
+
+    s->nconflicts++;
+    if (s->conflicts_stored < m->max_conflicts)
+        m->conflicts[s->conflicts_stored++] = *c;
+}
+
+/* Reports every run carried so far. */
+static void cow__runs_flush(struct cow__merge *m, struct cow__apply *ap)
+{
+    size_t i;
+
+    qsort(ap->runs, ap->nruns, sizeof(*ap->runs), cow__run_start_cmp);
+    for (i = 0; i < ap->nruns; i++)
+        cow__emit(m, &ap->runs[i]);
+    ap->nruns = 0;
+    ap->ncarry = 0;
+}
+
+/*
+ * Appends the finished run.  When the array is full it is compacted, and
+ * if that frees less than half of the room past the carried runs, this
+ * part of the window stops gathering runs: it will be redone in halves.
+ */
+static void cow__run_push(struct cow__apply *ap)
+{
+    size_t room;
+
+    ap->has_run = false;
+    if (!ap->collect)
+        return;
+    if (ap->nruns == COW__RUNS) {
+        ap->nruns = ap->ncarry + cow__runs_compact(ap->runs + ap->ncarry,
+                                                   ap->nruns - ap->ncarry);
+        room = COW__RUNS - ap->ncarry;
+        if (ap->nruns == COW__RUNS || ap->nruns - ap->ncarry > room / 2) {
+            ap->collect = false;
+            return;
+        }
+    }
+    ap->runs[ap->nruns++] = ap->run;
+}
+
+static void cow__run_add(struct cow__apply *ap, uint64_t pos, uint32_t a,
+                         uint32_t b)
+{
+    struct cow_merge_conflict *r = &ap->run;
+
+    if (ap->has_run && r->end == pos && r->session_a == a &&
+        r->session_b == b) {
+        r->end++;
+        return;
+    }
+    if (ap->has_run)
+        cow__run_push(ap);
+    r->start = pos;
+    r->end = pos + 1;
+    r->session_a = a;
+    r->session_b = b;
+    ap->has_run = true;
+}
+
+/*
+ * Ends the runs of a part of a window that ends at hi: reports those
+ * that end before it, keeps those that reach it.
+ */
+static void cow__runs_close(struct cow__merge *m, struct cow__apply *ap)
+{
+    uint64_t end = ap->wstart + ap->hi;
+    size_t keep = 0, i;
+
+    ap->nruns = cow__runs_compact(ap->runs, ap->nruns);
+    qsort(ap->runs, ap->nruns, sizeof(*ap->runs), cow__run_start_cmp);
+    for (i = 0; i < ap->nruns; i++) {
+        if (ap->runs[i].end == end)
+            ap->runs[keep++] = ap->runs[i];
+        else
+            cow__emit(m, &ap->runs[i]);
+    }
+    ap->nruns = keep;
+    ap->ncarry = keep;
+}
+
+/* -- apply pass ------------------------------------------------------ */
+
+/* A conflict at byte at of the window: count, note and resolve it. */
+static void cow__conflict(struct cow__merge *m, struct cow__apply *ap,
+                          uint32_t at, uint32_t owner, uint32_t tag,
+                          unsigned char v)
+{
+    uint32_t a = m->sessions[owner & COW__SLOT_MASK];
+    uint32_t b = m->sessions[tag & COW__SLOT_MASK];
+    uint64_t bit = (uint64_t)1 << (at % 64);
+
+    m->conflicted = true;
+    if (ap->count && !(ap->hit[at / 64] & bit)) {
+        ap->hit[at / 64] |= bit;
+        ap->hits = true;
+        m->stats->conflict_bytes++;
+    }
+    if (ap->collect)
+        cow__run_add(ap, ap->wstart + at, a < b ? a : b, a < b ? b : a);
+    if (m->policy != COW_MERGE_FIRST) {
+        ap->val[at] = v;
+        ap->owner[at] = tag;
+    }
+}
+
+/*
+ * Applies n bytes d written by tag's slot at offset at of the window.
+ * The common case, bytes nobody else owns, is a plain copy.
+ */
+static void cow__apply_bytes(struct cow__merge *m, struct cow__apply *ap,
+                             uint32_t tag, uint32_t at,
+                             const unsigned char *d, uint32_t n)
+{
+    uint32_t *own = ap->owner + at;
+    unsigned char *val = ap->val + at;
+    uint32_t epoch = ap->epoch;
+    uint32_t i = 0, j, k;
+
+    while (i < n) {
+        for (j = i; j < n; j++)
+            if (own[j] != tag && own[j] >> COW__SLOT_BITS == epoch)
+                break;
+        memcpy(val + i, d + i, j - i);
+        for (k = i; k < j; k++)
+            own[k] = tag;
+        if (j == n)
+            break;
+        if (val[j] == d[j])
+            own[j] = tag;
+        else
+            cow__conflict(m, ap, at + j, own[j], tag, d[j]);
+        i = j + 1;
+    }
+}
+
+/* Applies the part [a, b) of the window of a piece whose data is at src. */
+static int cow__apply_piece(struct cow__merge *m, struct cow__apply *ap,
+                            uint32_t slot, uint32_t a, uint32_t b,
+                            uint64_t src)
+{
+    uint32_t tag = ap->epoch << COW__SLOT_BITS | slot;
+
+    while (a < b) {
+        uint32_t step = (uint32_t)cow__min(b - a, ap->reader.cap);
+        const unsigned char *p;
+        int rc = cow__reader_get(&ap->reader, src, step, &p);
+
+        if (rc != 0)
+            return rc < 0 ? rc : -EIO;
+        cow__apply_bytes(m, ap, tag, a, p, step);
+        a += step;
+        src += step;
+    }
+
+    return 0;
+}
+
+/* Starts a pass with a fresh epoch: every byte is owned by nobody. */
+static void cow__next_epoch(struct cow__apply *ap, uint64_t window)
+{
+    if (++ap->epoch == COW__EPOCHS) {
+        memset(ap->owner, 0, window * sizeof(*ap->owner));
+        ap->epoch = 1;
+    }
+}
+
+/*
+ * Applies the pieces of region [pos, end) of the spill file that fall in
+ * [lo, hi) of the window.  Returns 0, 1 when conflict runs overflowed
+ * (and were dropped), or a negative errno.
+ */
+static int cow__apply_part(struct cow__merge *m, struct cow__apply *ap,
+                           uint64_t pos, uint64_t end, uint32_t lo,
+                           uint32_t hi)
+{
+    const unsigned char *p;
+    int rc;
+
+    /* Carried runs join this part only if it starts where they end. */
+    if (ap->nruns > 0 && ap->runs[0].end != ap->wstart + lo)
+        cow__runs_flush(m, ap);
+    ap->ncarry = ap->nruns;
+    ap->lo = lo;
+    ap->hi = hi;
+    ap->collect = true;
+    ap->has_run = false;
+    cow__next_epoch(ap, m->window);
+
+    while (pos < end) {
+        uint32_t slot, woff, n, a, b;
+
+        rc = cow__reader_get(&ap->reader, pos, COW__ENTRY_HEAD, &p);
+        if (rc != 0)
+            return rc < 0 ? rc : -EIO;
+        slot = cow__le32(p);
+        woff = cow__le32(p + 4);
+        n = cow__le32(p + 8);
+        pos += COW__ENTRY_HEAD;
+        if (slot == 0 || slot > m->nslots || woff > ap->wlen ||
+            n > ap->wlen - woff || n > end - pos)
+            return -EIO;
+        a = woff > lo ? woff : lo;
+        b = woff + n < hi ? woff + n : hi;
+        if (a < b) {
+            rc = cow__apply_piece(m, ap, slot, a, b, pos + (a - woff));
+            if (rc < 0)
+                return rc;
+        }
+        pos += n;
+    }
+
+    if (ap->has_run)
+        cow__run_push(ap);
+    if (!ap->collect) {
+        ap->nruns = ap->ncarry;
+        return 1;
+    }
+    cow__runs_close(m, ap);
+
+    return 0;
+}
+
+/*
+ * Applies [lo, hi) of the window again, for its conflict runs only, in
+ * halves as long as they overflow.  A single byte that conflicts between
+ * more pairs than the array holds loses the runs that do not fit.
+ */
+static int cow__redo(struct cow__merge *m, struct cow__apply *ap,
+                     uint64_t pos, uint64_t end, uint32_t lo, uint32_t hi)
+{
+    uint32_t mid = lo + (hi - lo) / 2;
+    int rc = cow__apply_part(m, ap, pos, end, lo, hi);
+
+    if (rc <= 0)
+        return rc;
+    if (hi - lo == 1) {
+        m->stats->conflicts_truncated = 1;
+        return 0;
+    }
+    rc = cow__redo(m, ap, pos, end, lo, mid);
+    if (rc < 0)
+        return rc;
+
+    return cow__redo(m, ap, pos, end, mid, hi);
+}
+
+/* Whether anything should still be written to the output. */
+static bool cow__writing(const struct cow__merge *m)
+{
+    return !(m->policy == COW_MERGE_FAIL && m->conflicted);
+}
+
+/* Copies [start, end) of the base with plain reads and writes. */
+static int cow__copy_plain(struct cow__merge *m, struct cow__apply *ap,
+                           uint64_t start, uint64_t end)
+{
+    while (start < end) {
+        size_t step = (size_t)cow__min(end - start, m->window);
+        int64_t got = cow__pread_full(m->base_fd, ap->val, step, start);
+        int rc;
+
+        if (got <= 0)
+            return (int)got;
+        rc = cow__pwrite_all(m->out_fd, ap->val, (size_t)got, start);
+        if (rc < 0)
+            return rc;
+        start += (uint64_t)got;
+    }
+
+    return 0;
+}
+
+/*
+ * Copies [start, end) of the base to the same place in the output, in
+ * the kernel when it can.  If the base got shorter meanwhile, the rest
+ * stays zero, as the output's size was set before.
+ */
+static int cow__copy(struct cow__merge *m, struct cow__apply *ap,
+                     uint64_t start, uint64_t end)
+{
+    end = cow__min(end, m->base_size);
+    while (start < end && !m->no_copy_range) {
+        loff_t in = (loff_t)start, out = (loff_t)start;
+        ssize_t n = copy_file_range(m->base_fd, &in, m->out_fd, &out,
+                                    (size_t)(end - start), 0);
+
+        if (n > 0) {
+            start += (uint64_t)n;
+            continue;
+        }
+        if (n == 0)
+            return 0;
+        if (errno == EINTR)
+            continue;
+        if (errno != EXDEV && errno != EINVAL && errno != ENOSYS &&
+            errno != EOPNOTSUPP)
+            return -errno;
+        m->no_copy_range = true;
+    }
+
+    return cow__copy_plain(m, ap, start, end);
+}
+
+static bool cow__marked(const struct cow__apply *ap, uint32_t b)
+{
+    return ap->blocks[b / 64] & (uint64_t)1 << (b % 64);
+}
+
+static size_t cow__block_words(uint64_t window)
+{
+    uint64_t block = cow__min(window, COW__BLOCK);
+
+    return (size_t)((window + block - 1) / block + 63) / 64;
+}
+
+/*
+ * Marks the blocks that the pieces of region [pos, end) of the spill
+ * file touch.  Only the pieces' headers are read, and the region is
+ * usually still in the buffer when it is applied next.
+ */
+static int cow__plan_window(struct cow__apply *ap, uint64_t pos,
+                            uint64_t end)
+{
+    const unsigned char *p;
+    uint32_t woff, n, b;
+    int rc;
+
+    while (pos < end) {
+        rc = cow__reader_get(&ap->reader, pos, COW__ENTRY_HEAD, &p);
+        if (rc != 0)
+            return rc < 0 ? rc : -EIO;
+        woff = cow__le32(p + 4);
+        n = cow__le32(p + 8);
+        pos += COW__ENTRY_HEAD;
+        if (n == 0 || woff > ap->wlen || n > ap->wlen - woff ||
+            n > end - pos)
+            return -EIO;
+        for (b = woff / ap->block; b <= (woff + n - 1) / ap->block; b++)
+            ap->blocks[b / 64] |= (uint64_t)1 << (b % 64);
+        pos += n;
+    }
+
+    return 0;
+}
+
+/*
+ * Finds the run of blocks from block b that are all marked or all not,
+ * as the byte range [*from, *to) of the window; returns whether marked.
+ */
+static bool cow__block_run(const struct cow__apply *ap, uint32_t b,
+                           uint32_t *from, uint32_t *to)
+{
+    uint32_t nblocks = (ap->wlen + ap->block - 1) / ap->block;
+    bool marked = cow__marked(ap, b);
+    uint32_t next = b + 1;
+
+    while (next < nblocks && cow__marked(ap, next) == marked)
+        next++;
+    *from = b * ap->block;
+    *to = (uint32_t)cow__min((uint64_t)next * ap->block, ap->wlen);
+
+    return marked;
+}
+
+/* Reads [from, to) of the window from the base, zeros past its end. */
+static int cow__read_span(struct cow__merge *m, struct cow__apply *ap,
+                          uint32_t from, uint32_t to)
+{
+    uint64_t start = ap->wstart + from;
+    uint64_t n = 0;
+    int64_t got = 0;
+
+    if (m->base_size > start)
+        n = cow__min(to - from, m->base_size - start);
+    if (n > 0)
+        got = cow__pread_full(m->base_fd, ap->val + from, (size_t)n, start);
+    if (got < 0)
+        return (int)got;
+    memset(ap->val + from + got, 0, (to - from) - (size_t)got);
+
+    return 0;
+}
+
+/* Reads the base's bytes of the marked blocks into the window buffer. */
+static int cow__read_base(struct cow__merge *m, struct cow__apply *ap)
+{
+    uint32_t from, to = 0;
+    int rc;
+
+    while (to < ap->wlen) {
+        if (!cow__block_run(ap, to / ap->block, &from, &to))
+            continue;
+        rc = cow__read_span(m, ap, from, to);
+        if (rc < 0)
+            return rc;
+    }
+
+    return 0;
+}
+
+/*
+ * Writes the window: its marked blocks from the buffer, then (unless the
+ * output is a clone of the base) the others copied from the base, which
+ * may use the buffer.
+ */
+static int cow__write_window(struct cow__merge *m, struct cow__apply *ap)
+{
+    uint32_t from, to = 0;
+    bool marked;
+    int rc;
+
+    if (!cow__writing(m))
+        return 0;
+    while (to < ap->wlen) {
+        if (!cow__block_run(ap, to / ap->block, &from, &to))
+            continue;
+        rc = cow__pwrite_all(m->out_fd, ap->val + from, to - from,
+                             ap->wstart + from);
+        if (rc < 0)
+            return rc;
+    }
+    to = 0;
+    while (to < ap->wlen && !m->stats->cloned) {
+        marked = cow__block_run(ap, to / ap->block, &from, &to);
+        rc = marked ? 0 : cow__copy(m, ap, ap->wstart + from, ap->wstart + to);
+        if (rc < 0)
+            return rc;
+    }
+
+    return 0;
+}
+
+/* Applies window w, whose region of the spill file is [pos, end). */
+static int cow__apply_window(struct cow__merge *m, struct cow__apply *ap,
+                             uint64_t w, uint64_t pos, uint64_t end)
+{
+    int rc;
+
+    ap->wstart = w * m->window;
+    ap->wlen = (uint32_t)cow__min(m->window, m->out_size - ap->wstart);
+    ap->count = true;
+    /* The region is read several times: keep it in the buffer if it fits. */
+    ap->reader.keep = pos;
+    rc = cow__plan_window(ap, pos, end);
+    if (rc == 0)
+        rc = cow__read_base(m, ap);
+    if (rc == 0)
+        rc = cow__apply_part(m, ap, pos, end, 0, ap->wlen);
+    if (rc >= 0) {
+        int wr = cow__write_window(m, ap);
+
+        rc = wr < 0 ? wr : rc;
+    }
+
+    ap->count = false;
+    if (rc == 1)
+        rc = cow__redo(m, ap, pos, end, 0, ap->wlen);
+    memset(ap->blocks, 0, cow__block_words(m->window) * sizeof(uint64_t));
+    if (ap->hits) {
+        memset(ap->hit, 0, (m->window + 63) / 64 * sizeof(*ap->hit));
+        ap->hits = false;
+    }
+    m->stats->windows_touched++;
+
+    return rc;
+}
+
+/* Region of window w in the spill file, once the spill pass is done. */
+static void cow__region(const struct cow__merge *m, uint64_t w,
+                        uint64_t *pos, uint64_t *end)
+{
+    *pos = w == 0 ? 0 : m->counts[w - 1];
+    *end = m->counts[w];
+}
+
+/* Deals with windows [w, *next) that have no pieces, in one copy. */
+static int cow__skip_empty(struct cow__merge *m, struct cow__apply *ap,
+                           uint64_t w, uint64_t *next)
+{
+    uint64_t start = w * m->window, end = start, pos, stop;
+
+    do {
+        end += m->window;
+        w++;
+        if (w == m->nwin)
+            break;
+        cow__region(m, w, &pos, &stop);
+    } while (pos == stop && end - start < COW__COPY_RUN);
+    *next = w;
+    end = cow__min(end, m->out_size);
+
+    if (m->stats->cloned || !cow__writing(m))
+        return 0;
+
+    return cow__copy(m, ap, start, end);
+}
+
+/* Gives the output its size, cloned from the base when it can be. */
+static int cow__prepare_output(struct cow__merge *m)
+{
+    if (m->base_size > 0 && ioctl(m->out_fd, FICLONE, m->base_fd) == 0)
+        m->stats->cloned = 1;
+    else if (ftruncate(m->out_fd, 0) < 0)
+        return -errno;
+    if (ftruncate(m->out_fd, (off_t)m->out_size) < 0)
+        return -errno;
+
+    return 0;
+}
+
+static int cow__apply_init(struct cow__merge *m, struct cow__apply *ap)
+{
+    memset(ap, 0, sizeof(*ap));
+    ap->val = cow__alloc(&m->mem, m->window);
+    ap->owner = cow__zalloc(&m->mem, m->window * sizeof(*ap->owner));
+    ap->hit = cow__zalloc(&m->mem, (m->window + 63) / 64 * 8);
+    ap->runs = cow__alloc(&m->mem, COW__RUNS * sizeof(*ap->runs));
+    ap->blocks = cow__zalloc(&m->mem, cow__block_words(m->window) * 8);
+    ap->block = (uint32_t)cow__min(m->window, COW__BLOCK);
+    if (ap->val == NULL || ap->owner == NULL || ap->hit == NULL ||
+        ap->runs == NULL || ap->blocks == NULL)
+        return -ENOMEM;
+
+    return cow__reader_init(&ap->reader, &m->mem, m->spill_fd,
+                            COW__APPLY_BUFFER, m->spill_size);
+}
+
+static void cow__apply_free(struct cow__merge *m, struct cow__apply *ap)
+{
+    cow__free(&m->mem, ap->val, m->window);
+    cow__free(&m->mem, ap->owner, m->window * sizeof(*ap->owner));
+    cow__free(&m->mem, ap->hit, (m->window + 63) / 64 * 8);
+    cow__free(&m->mem, ap->runs, COW__RUNS * sizeof(*ap->runs));
+    cow__free(&m->mem, ap->blocks, cow__block_words(m->window) * 8);
+    cow__reader_free(&ap->reader, &m->mem);
+}
+
+static int cow__apply_all(struct cow__merge *m, struct cow__apply *ap)
+{
+    uint64_t w = 0, next, pos, end;
+    int rc;
+
+    while (w < m->nwin) {
+        cow__region(m, w, &pos, &end);
+        if (pos == end) {
+            rc = cow__skip_empty(m, ap, w, &next);
+        } else {
+            rc = cow__apply_window(m, ap, w, pos, end);
+            next = w + 1;
+        }
+        if (rc < 0)
+            return rc;
+        w = next;
+        rc = cow__tick(m, cow__min(w * m->window, m->out_size));
+        if (rc < 0)
+            return rc;
+    }
+    cow__runs_flush(m, ap);
+
+    return 0;
+}
+
+static int cow__apply(struct cow__merge *m)
+{
+    struct cow__apply ap;
+    int rc;
+
+    rc = cow__phase(m, COW_MERGE_APPLY, m->out_size);
+    if (rc == 0)
+        rc = cow__prepare_output(m);
+    if (rc < 0)
+        return rc;
+    rc = cow__apply_init(m, &ap);
+    if (rc == 0)
+        rc = cow__apply_all(m, &ap);
+    cow__apply_free(m, &ap);
+
+    return rc;
+}
+
+/* -- set-up ---------------------------------------------------------- */
+
+struct cow__by_session {
+    uint32_t session;
+    uint32_t index;
+};
+
+static int cow__session_cmp(const void *a, const void *b)
+{
+    const struct cow__by_session *x = a, *y = b;
+
+    if (x->session != y->session)
+        return x->session < y->session ? -1 : 1;
+
+    return (x->index > y->index) - (x->index < y->index);
+}
+
+/* Numbers the distinct sessions from 1, in m->sessions and each slot. */
+static int cow__number_sessions(struct cow__merge *m)
+{
+    size_t size = m->nlogs * sizeof(struct cow__by_session);
+    struct cow__by_session *v = cow__alloc(&m->mem, size);
+    size_t k;
+
+    m->sessions = cow__alloc(&m->mem, (m->nlogs + 1) * sizeof(uint32_t));
+    if (v == NULL || m->sessions == NULL) {
+        cow__free(&m->mem, v, size);
+        return -ENOMEM;
+    }
+    for (k = 0; k < m->nlogs; k++) {
+        v[k].session = m->logs[k].in->session;
+        v[k].index = (uint32_t)k;
+    }
+    qsort(v, m->nlogs, sizeof(*v), cow__session_cmp);
+
+    m->nslots = 0;
+    for (k = 0; k < m->nlogs; k++) {
+        if (k == 0 || v[k].session != v[k - 1].session)
+            m->sessions[++m->nslots] = v[k].session;
+        m->logs[v[k].index].slot = (uint32_t)m->nslots;
+    }
+    cow__free(&m->mem, v, size);
+
+    return m->nslots > COW_MERGE_MAX_SESSIONS ? -EINVAL : 0;
+}
+
+/* Checks the inputs and learns the sizes of the files. */
+static int cow__setup(struct cow__merge *m, struct cow_merge_log *logs)
+{
+    struct stat st;
+    size_t k;
+
+    if (fstat(m->base_fd, &st) < 0)
+        return -errno;
+    m->base_size = (uint64_t)st.st_size;
+    m->out_size = m->base_size;
+
+    m->logs = cow__zalloc(&m->mem, m->nlogs * sizeof(*m->logs));
+    if (m->logs == NULL)
+        return -ENOMEM;
+    for (k = 0; k < m->nlogs; k++) {
+        struct cow__log *lg = &m->logs[k];
+
+        lg->in = &logs[k];
+        lg->in->last_seq = lg->in->min_seq;
+        lg->in->applied_end = lg->in->data_start;
+        lg->in->batches = 0;
+        lg->in->records = 0;
+        lg->in->pending_bytes = 0;
+        if (fstat(lg->in->fd, &st) < 0)
+            return -errno;
+        if (lg->in->data_start > (uint64_t)st.st_size)
+            return -EINVAL;
+        lg->size = (uint64_t)st.st_size;
+    }
+
+    return cow__number_sessions(m);
+}
+
+static int cow__run(struct cow__merge *m, struct cow_merge_log *logs)
+{
+    int rc = cow__setup(m, logs);
+
+    if (rc == 0)
+        rc = cow__scan(m);
+    if (rc == 0)
+        rc = cow__spill(m);
+    if (rc == 0)
+        rc = cow__apply(m);
+    if (rc == 0 && m->policy == COW_MERGE_FAIL && m->conflicted)
+        rc = -EDEADLK;
+
+    return rc;
+}
+
+COW__MERGE_EXPORT
+int cow_merge(struct cow_merge_log *logs, size_t nlogs, int base_fd,
+              int out_fd, int spill_fd, int policy, uint64_t window,
+              struct cow_merge_conflict *conflicts, size_t max_conflicts,
+              struct cow_merge_stats *stats,
+              struct cow_merge_progress *progress)
+{
+    struct cow_merge_stats scratch;
+    struct cow__merge m;
+    int rc;
+
+    if (stats == NULL)
+        stats = &scratch;
+    memset(stats, 0, sizeof(*stats));
+    stats->corrupt_log = -1;
+    if (window == 0)
+        window = COW_MERGE_DEFAULT_WINDOW;
+    if ((logs == NULL && nlogs > 0) || base_fd < 0 || out_fd < 0 ||
+        spill_fd < 0 || policy < COW_MERGE_FAIL ||
+        policy > COW_MERGE_FIRST || window > COW_MERGE_MAX_WINDOW ||
+        (conflicts == NULL && max_conflicts > 0) || nlogs > INT32_MAX)
+        return -EINVAL;
+
+    memset(&m, 0, sizeof(m));
+    m.nlogs = nlogs;
+    m.base_fd = base_fd;
+    m.out_fd = out_fd;
+    m.spill_fd = spill_fd;
+    m.policy = policy;
+    m.window = window;
+    m.conflicts = conflicts;
+    m.max_conflicts = max_conflicts;
+    m.stats = stats;
+    m.progress = progress;
+
+    rc = cow__run(&m, logs);
+
+    cow__free(&m.mem, m.counts, m.ncounts * sizeof(uint64_t));
+    cow__free(&m.mem, m.sessions, (m.nlogs + 1) * sizeof(uint32_t));
+    cow__free(&m.mem, m.logs, m.nlogs * sizeof(*m.logs));
+    stats->peak_buffer_bytes = m.mem.peak;
+
+    return rc;
+}
