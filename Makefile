@@ -12,7 +12,7 @@ SOURCES := pyproject.toml CMakeLists.txt $(shell find cowd client native -type f
 	\( -name '*.py' -o -name '*.c' -o -name '*.h' -o -name 'CMakeLists.txt' \) \
 	2>/dev/null)
 
-.PHONY: all demo test lint clean
+.PHONY: all demo test bench lint clean
 
 all: $(STAMP)
 
@@ -38,6 +38,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# Side-by-side measurements; they print ratios, they assert nothing.
+bench: $(STAMP)
+	$(BIN)/python tests/bench/merge.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check cowd client tests

@@ -315,7 +315,7 @@ class Daemon:
             # The client created this file with its own rights and
             # renames it into place once we return.
             result = await trio.to_thread.run_sync(
-                _merging.run, plan, source, output, report
+                _merging.run, plan, source, output, report, self.state.root
             )
             self._record(plan, result, os.fstat(output))
             path = None
@@ -333,6 +333,9 @@ class Daemon:
             output=path or "(client file)",
             bytes=result.bytes,
         )
+        counted = _merging.crashpoints_passed()
+        if counted is not None:
+            log.info("crash points passed", count=counted)
 
         return {
             "output": path,
@@ -374,7 +377,7 @@ class Daemon:
         try:
             if os.getuid() == 0 and uid != 0:
                 os.fchown(fd, uid, gid)
-            result = _merging.run(plan, source, fd, report)
+            result = _merging.run(plan, source, fd, report, self.state.root)
             self._record(plan, result, os.fstat(fd))
             os.replace(tmp, path)
             _merging.crashpoint("merge renamed")

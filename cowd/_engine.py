@@ -1,23 +1,32 @@
-"""The merge engine's interface: logs in, one merged file out.
+"""The merge engine's interface to the daemon: logs in, one file out.
 
 ``merge()`` copies the base into the output and applies every committed
 batch of the given logs whose sequence number is above the log's
-``min_seq``, in commit order, with the conflict policy; it raises
-Conflict or CorruptLog and writes nothing useful then.  The caller owns
-syncing, renaming and manifests.
+``min_seq``, in commit order, with the conflict policy, using the C
+engine (native/merge.c, through ``_mergelib``).  It raises Conflict or
+CorruptLog, and then what it wrote is of no use.  Its memory does not
+grow with the logs: records are spilled to a temporary file in the
+state folder, sorted by window of the output.  The caller owns syncing,
+renaming and manifests.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from cowd import _logfile, _merge
-from cowd.protocol import CorruptLog
+from cowd import _mergelib
 
 # How conflicting writes are resolved: refuse the merge, or keep the
 # later or the earlier writer's bytes.
 POLICIES = ("fail", "last", "first")
+
+# How often a running merge reports progress, in seconds.  Crash tests
+# shorten it so that the reports, which are crash points, fall all
+# along the merge.
+_REPORT_EVERY = float(os.environ.get("COWD_TEST_REPORT_EVERY", "0.1"))
 
 
 @dataclass
@@ -42,26 +51,39 @@ def merge(
     out_fd: int,
     policy: str,
     progress: Callable[[str, int, int], None],
+    spill_dir: str,
 ) -> Result:
-    result = Result()
-    overlays = []
-    for done, log in enumerate(logs):
-        found = _logfile.scan(log.path)
-        if found.corrupt_at is not None:
-            raise CorruptLog(
-                f"{log.path}: {found.corrupt_reason} at byte {found.corrupt_at}",
-                path=log.path,
-                offset=found.corrupt_at,
+    opened: list[int] = []
+    try:
+        inputs = []
+        for log in logs:
+            fd = os.open(log.path, os.O_RDONLY | os.O_CLOEXEC)
+            opened.append(fd)
+            inputs.append(
+                _mergelib.LogInput(
+                    fd=fd,
+                    session=log.session,
+                    data_start=_mergelib.data_start(fd),
+                    min_seq=log.min_seq,
+                    path=log.path,
+                )
             )
-        batches = [b for b in found.batches if b.seq > log.min_seq]
-        if batches:
-            result.last_seq[log.path] = batches[-1].seq
-        result.batches += len(batches)
-        result.records += sum(len(b.records) for b in batches)
-        overlays.append(_merge.replay(log.session, batches))
-        progress("scan", done + 1, len(logs))
-    segments = _merge.plan(overlays, policy)
-    result.bytes = _merge.write_output(source_fd, out_fd, segments)
-    progress("apply", 1, 1)
+        with tempfile.TemporaryFile(dir=spill_dir) as spill:
+            merged = _mergelib.merge(
+                inputs,
+                source_fd,
+                out_fd,
+                spill.fileno(),
+                policy,
+                progress=_mergelib.MergeProgress(progress, every=_REPORT_EVERY),
+            )
+    finally:
+        for fd in opened:
+            os.close(fd)
 
-    return result
+    return Result(
+        batches=merged.batches,
+        records=merged.records,
+        bytes=merged.bytes_applied,
+        last_seq={o.path: o.last_seq for o in merged.logs if o.batches},
+    )

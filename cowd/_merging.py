@@ -174,10 +174,14 @@ class Plan:
         ]
 
 
-def run(plan: Plan, source_fd: int, out_fd: int, progress: Progress) -> _engine.Result:
+def run(
+    plan: Plan, source_fd: int, out_fd: int, progress: Progress, spill_dir: str
+) -> _engine.Result:
     """Write the merge into out_fd, synced; no rename, no manifest."""
     crashpoint("merge started")
-    result = _engine.merge(plan.inputs(), source_fd, out_fd, plan.policy, progress)
+    result = _engine.merge(
+        plan.inputs(), source_fd, out_fd, plan.policy, progress, spill_dir
+    )
     crashpoint("merge applied")
     os.fsync(out_fd)
     crashpoint("merge synced")
@@ -195,8 +199,9 @@ def applied_after(plan: Plan, result: _engine.Result) -> dict[str, int]:
 
 
 # Crash tests set COWD_TEST_KILL_AT=N to have cowd kill itself with
-# SIGKILL at the Nth crash point of its merges, so every step between
-# creating an output and recording its manifest is tried.
+# SIGKILL at the Nth crash point of its merges, so that steps all along
+# a merge, from creating the output to recording its manifest, are
+# tried; with N larger than the count, cowd only counts them.
 _KILL_AT = int(os.environ.get("COWD_TEST_KILL_AT", "0") or 0)
 _passed = 0
 
@@ -208,3 +213,8 @@ def crashpoint(where: str) -> None:
     _passed += 1
     if _passed == _KILL_AT:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def crashpoints_passed() -> int | None:
+    """How many crash points merges have passed, when tests count them."""
+    return _passed if _KILL_AT else None

@@ -8,7 +8,7 @@ are killed with SIGKILL between and inside the frames of a commit.
 
 from __future__ import annotations
 
-import hashlib
+import json
 import random
 import signal
 import subprocess
@@ -22,10 +22,6 @@ from conftest import Session, start_cowd
 from cowd.protocol import Unavailable
 
 PAGE = 4096
-
-
-def digest(path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def prepare_logs(tmp_path, base, sessions=4, batches=6):
@@ -49,6 +45,13 @@ def prepare_logs(tmp_path, base, sessions=4, batches=6):
     return bytes(expected)
 
 
+# Kill points tried per way of merging, spread over all crash points.
+KILL_POINTS = 90
+
+# Progress reports are crash points; made frequent, they fall all along
+# the engine's passes over logs, spill and output.
+KILL_ENV = {"COWD_TEST_REPORT_EVERY": "0.0005"}
+
 # What each way of merging leaves where, and how a test reads it back.
 MODES = ["output-file", "state-folder", "in-place"]
 
@@ -62,22 +65,40 @@ def merge_once(cowd, base, out, mode):
     return client.merge_all(str(base))
 
 
+def count_crash_points(tmp_path, base, out, mode) -> int:
+    """Merge once without dying and read how many crash points it passed."""
+    cowd = start_cowd(tmp_path, env=KILL_ENV | {"COWD_TEST_KILL_AT": str(10**9)})
+    try:
+        merge_once(cowd, base, out, mode)
+    finally:
+        assert cowd.stop() == 0
+    for line in cowd.log_path.read_text().splitlines():
+        event = json.loads(line)
+        if event["event"] == "crash points passed":
+            return event["count"]
+    raise AssertionError("cowd did not count its crash points")
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_cowd_killed_at_every_merge_step_leaves_nothing_half_done(tmp_path, mode):
     base = tmp_path / "base"
-    base.write_bytes(bytes(range(256)) * (64 * PAGE // 256))
+    base.write_bytes(bytes(range(256)) * (24576 * PAGE // 256))
     pristine = base.read_bytes()
-    expected = prepare_logs(tmp_path, base)
+    expected = prepare_logs(tmp_path, base, sessions=8, batches=40)
     out = tmp_path / "out"
     final = {
         "output-file": out,
         "state-folder": tmp_path / "state" / "merges" / "merge_all_base",
         "in-place": base,
     }[mode]
+    # Counted on a merge to a scratch file, which leaves the base and
+    # its logs as they are; the ways of merging pass nearly as many.
+    total = count_crash_points(tmp_path, base, tmp_path / "counted", "output-file")
+    points = sorted({1 + i * total // KILL_POINTS for i in range(KILL_POINTS)})
 
     killed = 0
-    for kill_at in range(1, 1000):
-        cowd = start_cowd(tmp_path, env={"COWD_TEST_KILL_AT": str(kill_at)})
+    for kill_at in points:
+        cowd = start_cowd(tmp_path, env=KILL_ENV | {"COWD_TEST_KILL_AT": str(kill_at)})
         try:
             merge_once(cowd, base, out, mode)
         except Unavailable:
@@ -92,17 +113,21 @@ def test_cowd_killed_at_every_merge_step_leaves_nothing_half_done(tmp_path, mode
                 assert base.read_bytes() == pristine
             leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
             assert leftovers == []
+            if mode == "in-place" and base.read_bytes() == expected:
+                break
             continue
         assert cowd.stop() == 0
-        break
-    else:
-        raise AssertionError("the merge never completed")
 
+    cowd = start_cowd(tmp_path)
+    try:
+        merge_once(cowd, base, out, mode)
+    finally:
+        assert cowd.stop() == 0
     assert final.read_bytes() == expected
     if mode != "in-place":
         assert base.read_bytes() == pristine
-    assert killed >= 5, f"only {killed} crash points were reached"
-    print(f"{mode}: cowd killed at {killed} points, then merged")
+    assert killed >= KILL_POINTS // 2, f"only {killed} of {len(points)} kills hit"
+    print(f"{mode}: {total} crash points; cowd killed at {killed} of them")
 
 
 # A client that commits one big batch as several frames, pausing before

@@ -116,7 +116,7 @@ def test_conflicting_writers_are_refused_and_named(cowd, programs, tmp_path):
     err = result.stderr.decode()
     assert result.returncode == 1
     assert err.count("\n") == 1
-    assert "conflicting range: 40-44" in err
+    assert "1 conflicting range (4 bytes): 40-44" in err
     assert all(session in err for session in sessions)
     assert not out.exists()
 

@@ -1,0 +1,163 @@
+"""Benchmark: merge-all against cp of the same base, side by side.
+
+Builds a base file and NLOGS logs of RECORDS records each (as cowd
+writes them, each session in its own slice of the file so that the
+merge has no conflicts), starts a fresh cowd on them, and times
+``merge-all -o`` and ``cp`` of the base alternately, several rounds, in
+one run.  It prints the medians, their ratio, and cowd's peak resident
+memory (VmHWM), for two log sizes, so that the memory figure can be
+seen not to grow with the logs.
+
+    python tests/bench/merge.py [--size-mib 1024] [--logs 64]
+        [--records 10000] [--scale 4] [--rounds 3] [--dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from conftest import start_cowd  # noqa: E402
+from cowd._logfile import LogWriter  # noqa: E402
+
+RECORD_SIZE = 64
+BATCH = 100
+
+
+def make_base(path: Path, size: int) -> None:
+    chunk = 64 << 20
+    rng = random.Random(1)
+    with open(path, "wb") as f:
+        for done in range(0, size, chunk):
+            f.write(rng.randbytes(min(chunk, size - done)))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def make_logs(state: Path, base: Path, nlogs: int, records: int) -> None:
+    """Write logs as cowd would, with interleaved global sequence numbers."""
+    st = base.stat()
+    logs_dir = state / "logs"
+    logs_dir.mkdir(parents=True)
+    slice_size = st.st_size // nlogs
+    writers = []
+    for n in range(nlogs):
+        folder = logs_dir / f"bench-{n}"
+        folder.mkdir()
+        meta = {
+            "file": str(base),
+            "dev": st.st_dev,
+            "ino": st.st_ino,
+            "size": st.st_size,
+            "mtime_ns": st.st_mtime_ns,
+            "session": f"bench-{n}",
+            "pid": 0,
+            "uid": os.getuid(),
+            "created": time.time(),
+        }
+        writers.append(LogWriter.create(str(folder / "base.log"), meta))
+    rng = random.Random(2)
+    seq = 0
+    for _ in range(records // BATCH):
+        for n, writer in enumerate(writers):
+            low = n * slice_size
+            batch = [
+                (
+                    low + rng.randrange(slice_size - RECORD_SIZE),
+                    rng.randbytes(RECORD_SIZE),
+                )
+                for _ in range(BATCH)
+            ]
+            writer.append(batch)
+            seq += 1
+            writer.commit(seq, sync=False)
+    for writer in writers:
+        writer.close()
+    (state / "seq").write_text(f"{seq}\n")
+
+
+def peak_memory_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmHWM")
+
+
+def timed(argv: list[str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def measure(work: Path, base: Path, nlogs: int, records: int, rounds: int) -> dict:
+    run_dir = work / f"run-{records}"
+    run_dir.mkdir()
+    make_logs(run_dir / "state", base, nlogs, records)
+    log_bytes = sum(p.stat().st_size for p in (run_dir / "state").rglob("*.log"))
+    cowd = start_cowd(run_dir)
+    try:
+        cowctl = [shutil.which("cowctl") or "cowctl", "--socket", cowd.socket]
+        merge = [*cowctl, "merge-all", "-s", str(base), "-o", str(work / "merged")]
+        copy = ["cp", str(base), str(work / "copied")]
+        merges, copies = [], []
+        for _ in range(rounds):
+            copies.append(timed(copy))
+            merges.append(timed(merge))
+        peak = peak_memory_kib(cowd.proc.pid)
+    finally:
+        cowd.stop()
+    return {
+        "records": nlogs * records,
+        "log_mib": log_bytes / 2**20,
+        "merge": statistics.median(merges),
+        "cp": statistics.median(copies),
+        "peak_kib": peak,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-mib", type=int, default=1024)
+    parser.add_argument("--logs", type=int, default=64)
+    parser.add_argument("--records", type=int, default=10_000)
+    parser.add_argument("--scale", type=int, default=4, help="second run: x records")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--dir", help="work folder (default: a temporary one)")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="cowd-bench-", dir=args.dir))
+    try:
+        base = work / "base"
+        make_base(base, args.size_mib << 20)
+        results = [
+            measure(work, base, args.logs, records, args.rounds)
+            for records in (args.records, args.records * args.scale)
+        ]
+    finally:
+        shutil.rmtree(work)
+
+    print(f"base {args.size_mib} MiB, {args.logs} logs, {args.rounds} rounds each")
+    print(
+        f"{'records':>9} {'logs MiB':>9} {'merge s':>8} {'cp s':>8} {'ratio':>6} "
+        f"{'cowd peak MiB':>14}"
+    )
+    for r in results:
+        print(
+            f"{r['records']:>9} {r['log_mib']:>9.1f} {r['merge']:>8.2f} {r['cp']:>8.2f}"
+            f" {r['merge'] / r['cp']:>6.2f} {r['peak_kib'] / 1024:>14.1f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
