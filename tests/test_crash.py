@@ -8,7 +8,6 @@ are killed with SIGKILL between and inside the frames of a commit.
 
 from __future__ import annotations
 
-import json
 import random
 import signal
 import subprocess
@@ -45,8 +44,9 @@ def prepare_logs(tmp_path, base, sessions=4, batches=6):
     return bytes(expected)
 
 
-# Kill points tried per way of merging, spread over all crash points.
-KILL_POINTS = 90
+# A merge passes well under this many crash points; the bound only
+# stops a test that never completes a merge.
+MAX_KILLS = 400
 
 # Progress reports are crash points; made frequent, they fall all along
 # the engine's passes over logs, spill and output.
@@ -65,20 +65,6 @@ def merge_once(cowd, base, out, mode):
     return client.merge_all(str(base))
 
 
-def count_crash_points(tmp_path, base, out, mode) -> int:
-    """Merge once without dying and read how many crash points it passed."""
-    cowd = start_cowd(tmp_path, env=KILL_ENV | {"COWD_TEST_KILL_AT": str(10**9)})
-    try:
-        merge_once(cowd, base, out, mode)
-    finally:
-        assert cowd.stop() == 0
-    for line in cowd.log_path.read_text().splitlines():
-        event = json.loads(line)
-        if event["event"] == "crash points passed":
-            return event["count"]
-    raise AssertionError("cowd did not count its crash points")
-
-
 @pytest.mark.parametrize("mode", MODES)
 def test_cowd_killed_at_every_merge_step_leaves_nothing_half_done(tmp_path, mode):
     base = tmp_path / "base"
@@ -91,43 +77,33 @@ def test_cowd_killed_at_every_merge_step_leaves_nothing_half_done(tmp_path, mode
         "state-folder": tmp_path / "state" / "merges" / "merge_all_base",
         "in-place": base,
     }[mode]
-    # Counted on a merge to a scratch file, which leaves the base and
-    # its logs as they are; the ways of merging pass nearly as many.
-    total = count_crash_points(tmp_path, base, tmp_path / "counted", "output-file")
-    points = sorted({1 + i * total // KILL_POINTS for i in range(KILL_POINTS)})
 
-    killed = 0
-    for kill_at in points:
+    for kill_at in range(1, MAX_KILLS + 1):
         cowd = start_cowd(tmp_path, env=KILL_ENV | {"COWD_TEST_KILL_AT": str(kill_at)})
         try:
             merge_once(cowd, base, out, mode)
         except Unavailable:
             assert cowd.proc.wait(timeout=20) == -signal.SIGKILL
-            killed += 1
             # The output is absent, or whole if the kill came after its
-            # rename; the base is the base unless the whole merge replaced it.
-            if mode == "in-place":
-                assert base.read_bytes() in (pristine, expected)
-            else:
+            # rename; the base is untouched (in place, the client renames
+            # only once cowd has answered).
+            assert base.read_bytes() == pristine
+            if mode != "in-place":
                 assert not final.exists() or final.read_bytes() == expected
-                assert base.read_bytes() == pristine
             leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
             assert leftovers == []
-            if mode == "in-place" and base.read_bytes() == expected:
-                break
             continue
         assert cowd.stop() == 0
+        break
+    else:
+        raise AssertionError(f"no merge completed in {MAX_KILLS} tries")
 
-    cowd = start_cowd(tmp_path)
-    try:
-        merge_once(cowd, base, out, mode)
-    finally:
-        assert cowd.stop() == 0
+    killed = kill_at - 1
     assert final.read_bytes() == expected
     if mode != "in-place":
         assert base.read_bytes() == pristine
-    assert killed >= KILL_POINTS // 2, f"only {killed} of {len(points)} kills hit"
-    print(f"{mode}: {total} crash points; cowd killed at {killed} of them")
+    assert killed >= 20, f"only {killed} crash points were reached"
+    print(f"{mode}: cowd killed at crash points 1..{killed}, then merged")
 
 
 # A client that commits one big batch as several frames, pausing before
