@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from conftest import start_cowd  # noqa: E402
+from conftest import COWCTL, start_cowd  # noqa: E402
 from cowd._logfile import LogWriter  # noqa: E402
 
 RECORD_SIZE = 64
@@ -107,7 +107,7 @@ def measure(work: Path, base: Path, nlogs: int, records: int, rounds: int) -> di
     log_bytes = sum(p.stat().st_size for p in (run_dir / "state").rglob("*.log"))
     cowd = start_cowd(run_dir)
     try:
-        cowctl = [shutil.which("cowctl") or "cowctl", "--socket", cowd.socket]
+        cowctl = [COWCTL, "--socket", cowd.socket]
         merge = [*cowctl, "merge-all", "-s", str(base), "-o", str(work / "merged")]
         copy = ["cp", str(base), str(work / "copied")]
         merges, copies = [], []
