@@ -34,7 +34,7 @@ from cowd.protocol import (
 
 log = structlog.get_logger()
 
-ENGINES = ("auto", "remap")
+ENGINES = ("auto", "remap", "uffd")
 
 
 @dataclass

@@ -10,15 +10,23 @@
  * goes to whatever handled SIGSEGV before libcow, or kills the process as
  * the default action would.
  *
+ * Each private page and snapshot costs the process a kernel mapping.
+ * Once libcow holds cow__switch_at of them (a quarter of
+ * vm.max_map_count, leaving room for the splits they cause and for the
+ * program's own mappings), the next mapping to need one switches to the
+ * uffd engine (uffd.c), which needs no more, and stderr says so once.
+ * Where that engine is not available, stderr says that once too, and the
+ * remap engine carries on until the kernel refuses a mapping: that write
+ * then crashes with a message rather than being lost.
+ *
  * The handler runs with every signal blocked (see cow__handler_install),
  * calls only async-signal-safe functions (raw system calls, fstat, write,
- * sigaction, memcpy) and takes only the table spinlock, which no thread
- * holds with signals deliverable.  Deciding
+ * sigaction, memcpy), saves and restores errno, and takes only the table
+ * spinlock, which no thread holds with signals deliverable.  Deciding
  * what to do from the page state and changing the mapping happen under
  * that one lock, so threads faulting on the same page at once make one
  * copy between them and each retries its write on it.
  */
-#include <dlfcn.h>
 #include <errno.h>
 #include <pthread.h>
 #include <string.h>
@@ -38,23 +46,63 @@ static struct sigaction cow__previous;
 
 static atomic_bool cow__installed;
 
-/* libc's sigaction, behind the wrapper at the end of this file. */
+/* libc's sigaction and signal, behind the wrappers of this file. */
 static int (*cow__real_sigaction)(int, const struct sigaction *,
                                   struct sigaction *);
+static sighandler_t (*cow__real_signal)(int, sighandler_t);
 
 /*
- * Finds libc's sigaction once, in normal context, before the handler can
- * need it.  Returns 0 or -1 when there is none, which cannot happen in a
- * process linked with libc.
+ * Finds libc's functions before main runs, so that neither the handler
+ * nor a program setting its handlers early ever needs dlsym.
  */
+__attribute__((constructor(101)))
+static void cow__handler_resolve(void)
+{
+    COW__NEXT(cow__real_sigaction, "sigaction");
+    COW__NEXT(cow__real_signal, "signal");
+}
+
+/* Returns 0, or -1 when libc's sigaction cannot be found right now. */
 static int cow__resolve_sigaction(void)
 {
-    if (cow__real_sigaction == NULL)
-        cow__real_sigaction = (int (*)(int, const struct sigaction *,
-                                       struct sigaction *))
-            dlsym(RTLD_NEXT, "sigaction");
+    return COW__NEXT(cow__real_sigaction, "sigaction") == NULL ? -1 : 0;
+}
 
-    return cow__real_sigaction == NULL ? -1 : 0;
+/*
+ * Writes the concatenation of parts to stderr in one write(2), so that
+ * lines from several threads never interleave; longer lines are cut.
+ * Async-signal-safe.
+ */
+void cow__write_msg(const char *const *parts, size_t n)
+{
+    char line[512];
+    size_t len = 0;
+    size_t k;
+
+    for (k = 0; k < n && parts[k] != NULL; k++) {
+        size_t part = strlen(parts[k]);
+
+        if (part > sizeof(line) - 1 - len)
+            part = sizeof(line) - 1 - len;
+        memcpy(line + len, parts[k], part);
+        len += part;
+    }
+    line[len++] = '\n';
+    while (write(2, line, len) < 0 && errno == EINTR)
+        ;
+}
+
+/* Formats v in decimal at the end of buf; returns its first digit. */
+char *cow__utoa(size_t v, char *buf, size_t len)
+{
+    char *p = buf + len - 1;
+
+    *p = '\0';
+    do
+        *--p = (char)('0' + v % 10);
+    while ((v /= 10) != 0 && p > buf);
+
+    return p;
 }
 
 /* Outcome of cow__fault. */
@@ -62,26 +110,106 @@ enum {
     COW__NOT_OURS,
     COW__RETRY,
     COW__NO_COPY,
+    COW__PAST_EOF,
 };
 
 static const char cow__no_copy_msg[] =
     "libcow: cannot make a private copy of a page "
     "(vm.max_map_count reached?)\n";
 
+/* The switch to uffd was announced, or found impossible; each is said once. */
+static bool cow__switch_said;
+static bool cow__switch_failed;
+
+/* Says once why m's switch to the uffd engine failed. */
+static void cow__say_no_switch(const struct cow__mapping *m,
+                               const char *why)
+{
+    char count[24];
+    char limit[24];
+    const char *parts[] = {
+        "libcow: cannot switch the mapping of ",
+        cow__bases[m->base].path != NULL ? cow__bases[m->base].path : "?",
+        " to userfaultfd write-protection (",
+        why,
+        "); new private pages will fail once ",
+        cow__utoa(cow__max_map_count, limit, sizeof(limit)),
+        " kernel mappings (vm.max_map_count) are in use; ",
+        cow__utoa(atomic_load(&cow__remap_maps), count, sizeof(count)),
+        " are libcow's",
+    };
+
+    cow__write_msg(parts, sizeof(parts) / sizeof(parts[0]));
+}
+
+static void cow__say_switch(const struct cow__mapping *m, size_t held)
+{
+    char count[24];
+    char point[24];
+    char limit[24];
+    const char *parts[] = {
+        "libcow: the mapping of ",
+        cow__bases[m->base].path != NULL ? cow__bases[m->base].path : "?",
+        " switches to userfaultfd write-protection (private pages hold ",
+        cow__utoa(held, count, sizeof(count)),
+        " kernel mappings; switch point ",
+        cow__utoa(cow__switch_at, point, sizeof(point)),
+        ", vm.max_map_count ",
+        cow__utoa(cow__max_map_count, limit, sizeof(limit)),
+        ")",
+    };
+
+    cow__write_msg(parts, sizeof(parts) / sizeof(parts[0]));
+}
+
+/*
+ * Before the remap engine adds a kernel mapping for m: past the switch
+ * point m switches to the uffd engine instead.  Returns whether it did
+ * (the faulting write can then be retried).  Spinlock held.
+ */
+static bool cow__switched(struct cow__mapping *m)
+{
+    size_t held = atomic_load(&cow__remap_maps);
+    const char *why = "";
+
+    if (held < cow__switch_at || cow__switch_failed)
+        return false;
+    if (cow__uffd_switch(m, &why) == 0) {
+        if (!cow__switch_said)
+            cow__say_switch(m, held);
+        cow__switch_said = true;
+        return true;
+    }
+    cow__switch_failed = true;
+    cow__say_no_switch(m, why);
+
+    return false;
+}
+
+/* Counts a kernel mapping the remap engine added for m. */
+static void cow__count_map(struct cow__mapping *m)
+{
+    m->nprivate++;
+    atomic_fetch_add(&cow__remap_maps, 1);
+}
+
 /*
  * Replaces the CLEAN file page at page with a private copy of it.  The
  * page is first checked to lie inside the file: reading a page wholly
- * past the end would raise SIGBUS inside the handler, so such a write is
- * left to fail as a fault that is not ours.
+ * past the end would raise SIGBUS inside the handler, and a write there
+ * gets the SIGBUS the kernel gives it without libcow.
  */
 static int cow__make_copy(struct cow__mapping *m, size_t i, void *page)
 {
     struct stat st;
     void *copy;
 
-    if (fstat(cow__bases[m->base].fd, &st) != 0 ||
-        m->offset + i * cow__page >= (uint64_t)st.st_size)
+    if (fstat(cow__bases[m->base].fd, &st) != 0)
         return COW__NOT_OURS;
+    if (m->offset + i * cow__page >= (uint64_t)st.st_size)
+        return COW__PAST_EOF;
+    if (cow__switched(m))
+        return COW__RETRY;
 
     copy = cow__sys_mmap(NULL, cow__page, cow__page_prot(m, i),
                          MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -100,6 +228,7 @@ static int cow__make_copy(struct cow__mapping *m, size_t i, void *page)
         return COW__NO_COPY;
     }
     cow__set_state(m, i, COW__DIRTY);
+    cow__count_map(m);
 
     return COW__RETRY;
 }
@@ -114,6 +243,8 @@ static int cow__reopen(struct cow__mapping *m, size_t i, void *page)
 {
     void *snap = NULL;
 
+    if (cow__switched(m))
+        return COW__RETRY;
     if (m->snap != NULL) {
         snap = cow__sys_mmap(NULL, cow__page, PROT_READ | PROT_WRITE,
                              MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -126,8 +257,10 @@ static int cow__reopen(struct cow__mapping *m, size_t i, void *page)
             cow__sys_munmap(snap, cow__page);
         return COW__NO_COPY;
     }
-    if (m->snap != NULL)
+    if (snap != NULL) {
         m->snap[i] = snap;
+        cow__count_map(m);
+    }
     cow__set_state(m, i, COW__DIRTY);
 
     return COW__RETRY;
@@ -138,8 +271,13 @@ static int cow__reopen(struct cow__mapping *m, size_t i, void *page)
  * page was made writable by another thread after this one faulted; the
  * mprotect is a no-op then, and it guarantees that retrying the write
  * cannot fault here forever should the page have been write-protected
- * behind libcow's back.  Called with signals blocked: from the handler,
- * or (faulted false) from cow__prefault.
+ * behind libcow's back.  A page of a uffd mapping that the program may
+ * write is writable, or about to be: the write faulted while another
+ * thread was switching the mapping, and goes through once retried (the
+ * mprotect changes nothing then, and splits no kernel mapping); or it is
+ * a forked child's first write to the mapping, which sets it up first.
+ * Called with signals blocked: from the handler, or (faulted false) from
+ * cow__prefault.
  */
 static int cow__fault(uintptr_t addr, bool faulted)
 {
@@ -153,6 +291,14 @@ static int cow__fault(uintptr_t addr, bool faulted)
         !(cow__page_prot(m, i) & PROT_WRITE))
         goto out;
     page = (void *)(m->start + i * cow__page);
+    if (m->engine == COW__ENGINE_UFFD) {
+        if (m->child_pending)
+            cow__uffd_child_baseline(m);
+        if (!faulted ||
+            cow__sys_mprotect(page, cow__page, cow__page_prot(m, i)) == 0)
+            rc = COW__RETRY;
+        goto out;
+    }
     switch (cow__state(m, i)) {
     case COW__CLEAN:
         rc = cow__make_copy(m, i, page);
@@ -219,6 +365,40 @@ static void cow__chain(int sig, siginfo_t *si, void *uc)
     cow__real_sigaction(SIGSEGV, &dfl, NULL);
 }
 
+/*
+ * Gives a write past the end of the file the signal the kernel gives it
+ * on a shared mapping: SIGBUS, BUS_ADRERR, at the faulting address,
+ * queued to this thread and delivered as this handler returns.  As for a
+ * fault, a SIGBUS the program blocks or ignores kills it anyway: the
+ * action is reset and the signal unblocked in the mask sigreturn
+ * restores.
+ */
+static void cow__raise_bus(void *addr, ucontext_t *uc)
+{
+    struct sigaction now;
+    struct sigaction dfl;
+    siginfo_t info;
+
+    memset(&info, 0, sizeof(info));
+    info.si_signo = SIGBUS;
+    info.si_code = BUS_ADRERR;
+    info.si_addr = addr;
+    if (cow__real_sigaction(SIGBUS, NULL, &now) == 0 &&
+        !(now.sa_flags & SA_SIGINFO) && now.sa_handler == SIG_IGN) {
+        memset(&dfl, 0, sizeof(dfl));
+        dfl.sa_handler = SIG_DFL;
+        cow__real_sigaction(SIGBUS, &dfl, NULL);
+    }
+    if (sigismember(&uc->uc_sigmask, SIGBUS) == 1) {
+        memset(&dfl, 0, sizeof(dfl));
+        dfl.sa_handler = SIG_DFL;
+        cow__real_sigaction(SIGBUS, &dfl, NULL);
+        sigdelset(&uc->uc_sigmask, SIGBUS);
+    }
+    syscall(SYS_rt_tgsigqueueinfo, getpid(), syscall(SYS_gettid), SIGBUS,
+            &info);
+}
+
 static void cow__on_segv(int sig, siginfo_t *si, void *uc)
 {
     int saved_errno = errno;
@@ -232,7 +412,9 @@ static void cow__on_segv(int sig, siginfo_t *si, void *uc)
 
         (void)unused;
     }
-    if (rc != COW__RETRY)
+    if (rc == COW__PAST_EOF)
+        cow__raise_bus(si->si_addr, (ucontext_t *)uc);
+    else if (rc != COW__RETRY)
         cow__chain(sig, si, uc);
     errno = saved_errno;
 }
@@ -337,14 +519,12 @@ int sigaction(int sig, const struct sigaction *act, struct sigaction *old)
 COW__EXPORT
 sighandler_t signal(int sig, sighandler_t handler)
 {
-    static sighandler_t (*real)(int, sighandler_t);
+    sighandler_t (*real)(int, sighandler_t);
     struct sigaction sa;
     struct sigaction old;
 
     if (sig != SIGSEGV || !atomic_load(&cow__installed)) {
-        if (real == NULL)
-            real = (sighandler_t(*)(int, sighandler_t))dlsym(RTLD_NEXT,
-                                                             "signal");
+        real = COW__NEXT(cow__real_signal, "signal");
         if (real == NULL) {
             errno = ENOSYS;
             return SIG_ERR;

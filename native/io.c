@@ -14,7 +14,6 @@
  * its private aliases (fread is wrapped for that reason), raw syscall(2),
  * io_uring and the like still see EFAULT on a page not yet written.
  */
-#include <dlfcn.h>
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -27,16 +26,34 @@
 #define COW__EFAULT_RETRIES 3
 
 /*
- * Looks up the next definition of a function once; a race between two
- * threads stores the same pointer twice.  dlsym cannot recurse into these
- * wrappers: it reads no file and receives nothing from a socket.
+ * The functions wrapped here, found before main runs.  A wrapper called
+ * earlier (from another library's constructor) looks its function up
+ * then; one called while dlsym itself runs on this thread (an allocator
+ * setting itself up may read a file) gets NULL and makes the system call
+ * directly rather than recursing.
  */
-#define COW__REAL(type, name, args)                                        \
-    static type(*real) args;                                               \
-    if (real == NULL)                                                      \
-        real = (type(*) args)dlsym(RTLD_NEXT, name);                       \
-    if (real == NULL)                                                      \
-        abort()
+static ssize_t (*cow__real_read)(int, void *, size_t);
+static ssize_t (*cow__real_pread)(int, void *, size_t, off_t);
+static ssize_t (*cow__real_readv)(int, const struct iovec *, int);
+static ssize_t (*cow__real_preadv)(int, const struct iovec *, int, off_t);
+static ssize_t (*cow__real_recv)(int, void *, size_t, int);
+static ssize_t (*cow__real_recvfrom)(int, void *, size_t, int,
+                                     struct sockaddr *, socklen_t *);
+static ssize_t (*cow__real_recvmsg)(int, struct msghdr *, int);
+static size_t (*cow__real_fread)(void *, size_t, size_t, FILE *);
+
+__attribute__((constructor(101)))
+static void cow__io_resolve(void)
+{
+    COW__NEXT(cow__real_read, "read");
+    COW__NEXT(cow__real_pread, "pread");
+    COW__NEXT(cow__real_readv, "readv");
+    COW__NEXT(cow__real_preadv, "preadv");
+    COW__NEXT(cow__real_recv, "recv");
+    COW__NEXT(cow__real_recvfrom, "recvfrom");
+    COW__NEXT(cow__real_recvmsg, "recvmsg");
+    COW__NEXT(cow__real_fread, "fread");
+}
 
 static bool cow__iov_managed(const struct iovec *iov, int n)
 {
@@ -80,11 +97,14 @@ static void cow__prefault_iov(const struct iovec *iov, int n)
 COW__EXPORT
 ssize_t read(int fd, void *buf, size_t len)
 {
+    ssize_t (*real)(int, void *, size_t) = COW__NEXT(cow__real_read,
+                                                     "read");
     ssize_t rc;
-    COW__REAL(ssize_t, "read", (int, void *, size_t));
 
     COW__WRITE_INTO(rc, cow__range_managed((uintptr_t)buf, len),
-                    cow__prefault(buf, len), real(fd, buf, len));
+                    cow__prefault(buf, len),
+                    real != NULL ? real(fd, buf, len)
+                                 : syscall(SYS_read, fd, buf, len));
 
     return rc;
 }
@@ -92,11 +112,15 @@ ssize_t read(int fd, void *buf, size_t len)
 COW__EXPORT
 ssize_t pread(int fd, void *buf, size_t len, off_t offset)
 {
+    ssize_t (*real)(int, void *, size_t, off_t) =
+        COW__NEXT(cow__real_pread, "pread");
     ssize_t rc;
-    COW__REAL(ssize_t, "pread", (int, void *, size_t, off_t));
 
     COW__WRITE_INTO(rc, cow__range_managed((uintptr_t)buf, len),
-                    cow__prefault(buf, len), real(fd, buf, len, offset));
+                    cow__prefault(buf, len),
+                    real != NULL
+                        ? real(fd, buf, len, offset)
+                        : syscall(SYS_pread64, fd, buf, len, offset));
 
     return rc;
 }
@@ -110,23 +134,29 @@ ssize_t pread64(int fd, void *buf, size_t len, off_t offset)
 COW__EXPORT
 ssize_t readv(int fd, const struct iovec *iov, int n)
 {
+    ssize_t (*real)(int, const struct iovec *, int) =
+        COW__NEXT(cow__real_readv, "readv");
     ssize_t rc;
-    COW__REAL(ssize_t, "readv", (int, const struct iovec *, int));
 
     COW__WRITE_INTO(rc, cow__iov_managed(iov, n), cow__prefault_iov(iov, n),
-                    real(fd, iov, n));
+                    real != NULL ? real(fd, iov, n)
+                                 : syscall(SYS_readv, fd, iov, n));
 
     return rc;
 }
 
+/* The kernel takes preadv's offset in two halves; a 64-bit long holds it. */
 COW__EXPORT
 ssize_t preadv(int fd, const struct iovec *iov, int n, off_t offset)
 {
+    ssize_t (*real)(int, const struct iovec *, int, off_t) =
+        COW__NEXT(cow__real_preadv, "preadv");
     ssize_t rc;
-    COW__REAL(ssize_t, "preadv", (int, const struct iovec *, int, off_t));
 
     COW__WRITE_INTO(rc, cow__iov_managed(iov, n), cow__prefault_iov(iov, n),
-                    real(fd, iov, n, offset));
+                    real != NULL ? real(fd, iov, n, offset)
+                                 : syscall(SYS_preadv, fd, iov, n,
+                                           (long)offset, 0L));
 
     return rc;
 }
@@ -140,11 +170,15 @@ ssize_t preadv64(int fd, const struct iovec *iov, int n, off_t offset)
 COW__EXPORT
 ssize_t recv(int fd, void *buf, size_t len, int flags)
 {
+    ssize_t (*real)(int, void *, size_t, int) =
+        COW__NEXT(cow__real_recv, "recv");
     ssize_t rc;
-    COW__REAL(ssize_t, "recv", (int, void *, size_t, int));
 
     COW__WRITE_INTO(rc, cow__range_managed((uintptr_t)buf, len),
-                    cow__prefault(buf, len), real(fd, buf, len, flags));
+                    cow__prefault(buf, len),
+                    real != NULL ? real(fd, buf, len, flags)
+                                 : syscall(SYS_recvfrom, fd, buf, len, flags,
+                                           NULL, NULL));
 
     return rc;
 }
@@ -153,13 +187,15 @@ COW__EXPORT
 ssize_t recvfrom(int fd, void *buf, size_t len, int flags,
                  struct sockaddr *from, socklen_t *fromlen)
 {
+    ssize_t (*real)(int, void *, size_t, int, struct sockaddr *,
+                    socklen_t *) = COW__NEXT(cow__real_recvfrom, "recvfrom");
     ssize_t rc;
-    COW__REAL(ssize_t, "recvfrom",
-              (int, void *, size_t, int, struct sockaddr *, socklen_t *));
 
     COW__WRITE_INTO(rc, cow__range_managed((uintptr_t)buf, len),
                     cow__prefault(buf, len),
-                    real(fd, buf, len, flags, from, fromlen));
+                    real != NULL ? real(fd, buf, len, flags, from, fromlen)
+                                 : syscall(SYS_recvfrom, fd, buf, len, flags,
+                                           from, fromlen));
 
     return rc;
 }
@@ -167,12 +203,14 @@ ssize_t recvfrom(int fd, void *buf, size_t len, int flags,
 COW__EXPORT
 ssize_t recvmsg(int fd, struct msghdr *msg, int flags)
 {
+    ssize_t (*real)(int, struct msghdr *, int) =
+        COW__NEXT(cow__real_recvmsg, "recvmsg");
     ssize_t rc;
-    COW__REAL(ssize_t, "recvmsg", (int, struct msghdr *, int));
 
     COW__WRITE_INTO(rc, cow__iov_managed(msg->msg_iov, (int)msg->msg_iovlen),
                     cow__prefault_iov(msg->msg_iov, (int)msg->msg_iovlen),
-                    real(fd, msg, flags));
+                    real != NULL ? real(fd, msg, flags)
+                                 : syscall(SYS_recvmsg, fd, msg, flags));
 
     return rc;
 }
@@ -180,13 +218,19 @@ ssize_t recvmsg(int fd, struct msghdr *msg, int flags)
 /*
  * fread reads large requests straight into the caller's buffer through
  * libc's private read, which no wrapper sees.  It reports EFAULT only as
- * a short count, so there is no retry here.
+ * a short count, so there is no retry here.  Without libc's fread (only
+ * while dlsym runs on this thread) nothing can be read.
  */
 COW__EXPORT
 size_t fread(void *buf, size_t size, size_t n, FILE *stream)
 {
-    COW__REAL(size_t, "fread", (void *, size_t, size_t, FILE *));
+    size_t (*real)(void *, size_t, size_t, FILE *) =
+        COW__NEXT(cow__real_fread, "fread");
 
+    if (real == NULL) {
+        errno = ENOSYS;
+        return 0;
+    }
     if (size != 0 && n <= SIZE_MAX / size &&
         cow__range_managed((uintptr_t)buf, size * n))
         cow__prefault(buf, size * n);

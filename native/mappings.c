@@ -1,23 +1,23 @@
 /*
- * mappings.c: the table of managed mappings and of their base files, and
- * the commit-time diff that turns dirty pages into records.
+ * mappings.c: the table of managed mappings and of their base files.
  *
  * The mapping table is a fixed array so that the SIGSEGV handler can
  * search it without allocating.  Each entry owns a byte of state per page
  * (see the COW__ states) and, once one of its pages has been committed, a
  * pointer per page to a snapshot of the page as last committed: the diff
- * of the next commit compares against the snapshot, or against the base
- * file when there is none.  Both arrays come from raw anonymous mappings,
- * never from the handler.
+ * of the next commit (commit.c) compares against the snapshot, or against
+ * the base file when there is none.  Both arrays come from raw anonymous
+ * mappings, never from malloc.
  *
  * The table spinlock guards every field the handler uses.  Entries are
  * added and removed only with cow__mutex held as well, so code holding
  * cow__mutex may read an entry's fixed fields without the spinlock.  The
  * handler (and cow__prefault, which does its work) only ever makes pages
- * DIRTY; a page leaves DIRTY, and its snapshot is freed, only under
- * cow__mutex.  So a page a cow__mutex holder sees DIRTY stays DIRTY, with
- * the same snapshot, until that holder changes it; other page states read
- * without the spinlock are a hint, checked again under it.
+ * DIRTY, or switches a whole mapping to the uffd engine; a page leaves
+ * DIRTY, and its snapshot is freed, only under cow__mutex.  So a page a
+ * cow__mutex holder sees DIRTY stays DIRTY, with the same snapshot, until
+ * that holder changes it; other page states read without the spinlock
+ * are a hint, checked again under it.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -34,11 +34,15 @@ struct cow__mapping cow__mappings[COW__MAX_MAPPINGS];
 struct cow__base cow__bases[COW__MAX_BASES];
 size_t cow__page;
 
+/* One past the highest entry in use: bounds the handler's search. */
+size_t cow__high;
+
+_Atomic size_t cow__remap_maps;
+size_t cow__switch_at = SIZE_MAX;
+size_t cow__max_map_count;
+
 /* Entries in use: lets calls about memory that is not managed skip all. */
 static _Atomic size_t cow__nmapped;
-
-/* One past the highest entry in use: bounds the handler's search. */
-static size_t cow__high;
 
 /*
  * The lowest start and highest end of the managed mappings.  Written
@@ -55,11 +59,17 @@ static atomic_flag cow__spin = ATOMIC_FLAG_INIT;
 /* Spins before yielding the CPU to a lock holder that was preempted. */
 #define COW__SPINS_BEFORE_YIELD 1000
 
+/*
+ * Takes the spinlock, unless this thread holds it for a fork.  The first
+ * holder in a forked child resets the table the child inherited (see
+ * process.c), before anything reads it.
+ */
 void cow__spin_lock(void)
 {
     unsigned spins = 0;
 
-    while (atomic_flag_test_and_set_explicit(&cow__spin,
+    while (!cow__fork_hold &&
+           atomic_flag_test_and_set_explicit(&cow__spin,
                                              memory_order_acquire)) {
         if (++spins < COW__SPINS_BEFORE_YIELD) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -70,11 +80,16 @@ void cow__spin_lock(void)
         spins = 0;
         syscall(SYS_sched_yield);
     }
+    if (cow__table_forked()) {
+        cow__after_fork_baseline();
+        cow__table_adopted();
+    }
 }
 
 void cow__spin_unlock(void)
 {
-    atomic_flag_clear_explicit(&cow__spin, memory_order_release);
+    if (!cow__fork_hold)
+        atomic_flag_clear_explicit(&cow__spin, memory_order_release);
 }
 
 /*
@@ -97,22 +112,26 @@ void cow__table_unlock(const sigset_t *saved)
     pthread_sigmask(SIG_SETMASK, saved, NULL);
 }
 
-static size_t cow__round_page(size_t n)
+size_t cow__round_page(size_t n)
 {
     return (n + cow__page - 1) & ~(cow__page - 1);
 }
 
-/* An anonymous read-write array of n bytes, zeroed, or NULL. */
-static void *cow__array_new(size_t n)
+/*
+ * An anonymous read-write array of n bytes, zeroed, or NULL.  Memory is
+ * committed only where it is written, so large sparse arrays are cheap.
+ */
+void *cow__array_new(size_t n)
 {
     void *p = cow__sys_mmap(NULL, cow__round_page(n),
                             PROT_READ | PROT_WRITE,
-                            MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+                            MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1,
+                            0);
 
     return p == MAP_FAILED ? NULL : p;
 }
 
-static void cow__array_free(void *p, size_t n)
+void cow__array_free(void *p, size_t n)
 {
     if (p != NULL)
         cow__sys_munmap(p, cow__round_page(n));
@@ -253,6 +272,29 @@ void cow__base_maybe_drop(int k)
     b->used = false;
 }
 
+/* Takes a free entry and makes it visible.  Spinlock held. */
+static int cow__entry_put(const struct cow__mapping *init)
+{
+    size_t k;
+
+    for (k = 0; k < COW__MAX_MAPPINGS; k++)
+        if (!cow__mappings[k].used && cow__mappings[k].state == NULL)
+            break;
+    if (k == COW__MAX_MAPPINGS)
+        return -ENOMEM;
+    cow__mappings[k] = *init;
+    if (k >= cow__high)
+        cow__high = k + 1;
+    if (init->start < atomic_load(&cow__span_lo))
+        atomic_store(&cow__span_lo, init->start);
+    if (init->start + init->npages * cow__page > atomic_load(&cow__span_hi))
+        atomic_store(&cow__span_hi, init->start + init->npages * cow__page);
+    atomic_fetch_add(&cow__nmapped, 1);
+    cow__bases[init->base].nmappings++;
+
+    return (int)k;
+}
+
 /* Adds a mapping entry; returns its index or a negative errno. */
 int cow__mapping_add(uintptr_t start, size_t length, uint64_t offset,
                      int prot, int base, bool api)
@@ -260,7 +302,7 @@ int cow__mapping_add(uintptr_t start, size_t length, uint64_t offset,
     size_t npages = cow__round_page(length) / cow__page;
     _Atomic unsigned char *state = cow__array_new(npages);
     sigset_t saved;
-    size_t k;
+    int k;
 
     if (state == NULL)
         return -ENOMEM;
@@ -268,15 +310,7 @@ int cow__mapping_add(uintptr_t start, size_t length, uint64_t offset,
            COW__CLEAN | (prot & COW__PROT_MASK) << COW__PROT_SHIFT, npages);
 
     cow__table_lock(&saved);
-    for (k = 0; k < COW__MAX_MAPPINGS; k++)
-        if (!cow__mappings[k].used)
-            break;
-    if (k == COW__MAX_MAPPINGS) {
-        cow__table_unlock(&saved);
-        cow__array_free((void *)state, npages);
-        return -ENOMEM;
-    }
-    cow__mappings[k] = (struct cow__mapping){
+    k = cow__entry_put(&(struct cow__mapping){
         .start = start,
         .length = length,
         .npages = npages,
@@ -285,35 +319,63 @@ int cow__mapping_add(uintptr_t start, size_t length, uint64_t offset,
         .base = base,
         .used = true,
         .api = api,
+        .engine = COW__ENGINE_REMAP,
         .state = state,
-        .snap = NULL,
-    };
-    if (k >= cow__high)
-        cow__high = k + 1;
-    if (start < atomic_load(&cow__span_lo))
-        atomic_store(&cow__span_lo, start);
-    if (start + npages * cow__page > atomic_load(&cow__span_hi))
-        atomic_store(&cow__span_hi, start + npages * cow__page);
-    atomic_fetch_add(&cow__nmapped, 1);
+    });
     cow__table_unlock(&saved);
-
-    cow__bases[base].nmappings++;
+    if (k < 0) {
+        cow__array_free((void *)state, npages);
+        return k;
+    }
     cow__bases[base].map_offset = offset;
     cow__bases[base].map_length = length;
 
-    return (int)k;
+    return k;
 }
 
-/* The entry whose mapping starts at start, or -ENOENT.  Under cow__mutex. */
+/*
+ * The entry whose mapping starts at start, with its first page live, or
+ * -ENOENT.  Under cow__mutex.
+ */
 int cow__mapping_at(uintptr_t start)
 {
     size_t k;
 
     for (k = 0; k < cow__high; k++)
-        if (cow__mappings[k].used && cow__mappings[k].start == start)
+        if (cow__mappings[k].used && cow__mappings[k].start == start &&
+            cow__state(&cow__mappings[k], 0) != COW__GONE)
             return (int)k;
 
     return -ENOENT;
+}
+
+/*
+ * The entry that holds every page of [start, start + length) live, and
+ * the first of those pages in *first; -EFAULT when the range is not
+ * wholly inside one entry's live pages.  Under cow__mutex.
+ */
+int cow__mapping_holding(uintptr_t start, size_t length, size_t *first)
+{
+    size_t n = cow__round_page(length) / cow__page;
+    size_t k;
+    size_t i;
+
+    for (k = 0; k < cow__high; k++) {
+        struct cow__mapping *m = &cow__mappings[k];
+
+        if (!m->used || start < m->start ||
+            (start - m->start) / cow__page >= m->npages)
+            continue;
+        *first = (start - m->start) / cow__page;
+        if (n > m->npages - *first)
+            return -EFAULT;
+        for (i = *first; i < *first + n; i++)
+            if (cow__state(m, i) == COW__GONE)
+                return -EFAULT;
+        return (int)k;
+    }
+
+    return -EFAULT;
 }
 
 /*
@@ -412,21 +474,116 @@ static void cow__span_update(void)
     atomic_store(&cow__span_hi, hi);
 }
 
+/*
+ * Frees the snapshot of page i, if any.  A remap snapshot is a kernel
+ * mapping of its own; the snapshots a forked child took of a uffd
+ * mapping live in one area, freed with the entry.
+ */
+static void cow__snap_drop(struct cow__mapping *m, size_t i)
+{
+    if (m->snap == NULL || m->snap[i] == NULL)
+        return;
+    if (m->engine == COW__ENGINE_REMAP) {
+        cow__sys_munmap(m->snap[i], cow__page);
+        m->nprivate--;
+        atomic_fetch_sub(&cow__remap_maps, 1);
+    }
+    m->snap[i] = NULL;
+}
+
+/*
+ * Frees the remap snapshots of a mapping the handler switched to uffd.
+ * Under cow__mutex.
+ */
+void cow__drop_old_snaps(struct cow__mapping *m)
+{
+    sigset_t saved;
+    void **old;
+    size_t i;
+
+    cow__table_lock(&saved);
+    old = m->old_snap;
+    m->old_snap = NULL;
+    cow__table_unlock(&saved);
+    if (old == NULL)
+        return;
+    for (i = 0; i < m->npages; i++)
+        if (old[i] != NULL)
+            cow__sys_munmap(old[i], cow__page);
+    cow__array_free(old, m->npages * sizeof(void *));
+}
+
 /* Frees what a mapping entry owns once the table no longer shows it. */
 static void cow__mapping_release(struct cow__mapping *m)
 {
     size_t i;
 
+    cow__drop_old_snaps(m);
     if (m->snap != NULL) {
         for (i = 0; i < m->npages; i++)
-            if (m->snap[i] != NULL)
-                cow__sys_munmap(m->snap[i], cow__page);
+            cow__snap_drop(m, i);
         cow__array_free(m->snap, m->npages * sizeof(void *));
     }
+    if (m->snap_area != NULL)
+        cow__sys_munmap(m->snap_area, m->npages * cow__page);
+    cow__delta_forget(m);
+    atomic_fetch_sub(&cow__remap_maps, m->nprivate);
     cow__array_free((void *)m->state, m->npages);
     cow__bases[m->base].nmappings--;
     cow__base_maybe_drop(m->base);
     memset(m, 0, sizeof(*m));
+}
+
+/*
+ * Marks pages [first, last) of m GONE, counting the private pages of a
+ * remap mapping that go with them.  Spinlock held.
+ */
+static void cow__pages_gone(struct cow__mapping *m, size_t first,
+                            size_t last)
+{
+    size_t i;
+
+    for (i = first; i < last; i++) {
+        unsigned st = cow__state(m, i);
+
+        if (st == COW__GONE)
+            continue;
+        if (m->engine == COW__ENGINE_REMAP && st != COW__CLEAN) {
+            m->nprivate--;
+            atomic_fetch_sub(&cow__remap_maps, 1);
+        }
+        cow__set_state(m, i, COW__GONE);
+        m->live--;
+    }
+    if (m->live == 0 && m->used) {
+        m->used = false;
+        atomic_fetch_sub(&cow__nmapped, 1);
+    }
+}
+
+/*
+ * Frees the snapshots of GONE pages and releases the entries left with
+ * no live page.  The handler ignores GONE pages and unused entries, and
+ * only cow__mutex holders free snapshots, so no lock is needed.
+ */
+void cow__release_gone(void)
+{
+    size_t k;
+    size_t i;
+
+    for (k = 0; k < COW__MAX_MAPPINGS; k++) {
+        struct cow__mapping *m = &cow__mappings[k];
+
+        if (m->state == NULL)
+            continue;
+        if (!m->used) {
+            cow__mapping_release(m);
+            continue;
+        }
+        for (i = 0; m->snap != NULL && i < m->npages; i++)
+            if (cow__state(m, i) == COW__GONE)
+                cow__snap_drop(m, i);
+    }
 }
 
 /*
@@ -437,55 +594,186 @@ static void cow__mapping_release(struct cow__mapping *m)
  */
 void cow__range_gone(uintptr_t start, size_t length)
 {
-    size_t high = cow__high;
     sigset_t saved;
     size_t k;
-    size_t i;
 
     cow__table_lock(&saved);
-    for (k = 0; k < high; k++) {
+    for (k = 0; k < cow__high; k++) {
         struct cow__mapping *m = &cow__mappings[k];
         size_t first;
         size_t last;
 
-        if (!cow__overlaps(m, start, length, &first, &last))
-            continue;
-        for (i = first; i < last; i++) {
-            if (cow__state(m, i) == COW__GONE)
-                continue;
-            cow__set_state(m, i, COW__GONE);
-            m->live--;
-        }
-        if (m->live == 0) {
-            m->used = false;
-            atomic_fetch_sub(&cow__nmapped, 1);
-        }
+        if (cow__overlaps(m, start, length, &first, &last))
+            cow__pages_gone(m, first, last);
     }
     while (cow__high > 0 && !cow__mappings[cow__high - 1].used)
         cow__high--;
     cow__span_update();
     cow__table_unlock(&saved);
+    cow__release_gone();
+}
 
-    /*
-     * The handler ignores GONE pages and unused entries, and only
-     * cow__mutex holders free snapshots, so no lock is needed from here.
-     */
-    for (k = 0; k < high; k++) {
-        struct cow__mapping *m = &cow__mappings[k];
+/*
+ * Marks every page of entry k GONE, once the program has unmapped all of
+ * it, and drops the entry; unlike cow__range_gone, it leaves alone any
+ * other mapping that a hole of the entry may hold.  Under cow__mutex.
+ */
+void cow__entry_gone(int k)
+{
+    struct cow__mapping *m = &cow__mappings[k];
+    sigset_t saved;
 
-        if (m->state == NULL)
+    cow__table_lock(&saved);
+    cow__pages_gone(m, 0, m->npages);
+    while (cow__high > 0 && !cow__mappings[cow__high - 1].used)
+        cow__high--;
+    cow__span_update();
+    cow__table_unlock(&saved);
+    cow__release_gone();
+}
+
+/*
+ * Copies what pages [first, first + n) of m hold into the same pages of
+ * the new entry d (the program moved them with mremap): page states,
+ * snapshots and deltas.  Remap snapshots are pointers and move; a forked
+ * child's snapshots of a uffd mapping live in m's area and are copied
+ * into d's.  Returns 0 or -ENOMEM.  Spinlock held.
+ */
+static int cow__carry_pages(struct cow__mapping *m, size_t first, size_t n,
+                            struct cow__mapping *d)
+{
+    size_t i;
+    int rc = 0;
+
+    for (i = 0; i < n && i < d->npages; i++) {
+        unsigned st = cow__state(m, first + i);
+
+        /*
+         * The page leaves m as CLEAN so that marking it GONE there does
+         * not count its private copy as unmapped: it lives on in d.
+         */
+        cow__set_page(d, i, st, cow__page_prot(m, first + i));
+        cow__set_state(m, first + i, COW__CLEAN);
+        if (m->engine == COW__ENGINE_REMAP && st != COW__CLEAN) {
+            m->nprivate--;
+            d->nprivate++;
+        }
+        if (rc == 0)
+            rc = cow__delta_copy(m, first + i, d, i);
+        if (m->snap == NULL || m->snap[first + i] == NULL)
             continue;
-        if (!m->used) {
-            cow__mapping_release(m);
+        if (m->snap_area == NULL) {
+            d->snap[i] = m->snap[first + i];
+            m->snap[first + i] = NULL;
+            m->nprivate--;
+            d->nprivate++;
             continue;
         }
-        for (i = 0; m->snap != NULL && i < m->npages; i++) {
-            if (m->snap[i] != NULL && cow__state(m, i) == COW__GONE) {
-                cow__sys_munmap(m->snap[i], cow__page);
-                m->snap[i] = NULL;
-            }
-        }
+        d->snap[i] = d->snap_area + i * cow__page;
+        memcpy(d->snap[i], m->snap[first + i], cow__page);
     }
+
+    return rc;
+}
+
+/*
+ * Allocates the arrays of a new entry like m with npages pages: states,
+ * and the snapshot pointers and snapshot area m has.  Returns 0 or
+ * -ENOMEM (and then allocates nothing).
+ */
+static int cow__entry_arrays(const struct cow__mapping *m,
+                             struct cow__mapping *d)
+{
+    d->state = cow__array_new(d->npages);
+    if (m->snap != NULL)
+        d->snap = cow__array_new(d->npages * sizeof(void *));
+    if (m->snap_area != NULL)
+        d->snap_area = cow__array_new(d->npages * cow__page);
+    if (d->state != NULL && (m->snap == NULL || d->snap != NULL) &&
+        (m->snap_area == NULL || d->snap_area != NULL))
+        return 0;
+    cow__array_free((void *)d->state, d->npages);
+    cow__array_free(d->snap, d->npages * sizeof(void *));
+    cow__array_free(d->snap_area, d->npages * cow__page);
+
+    return -ENOMEM;
+}
+
+/*
+ * Prepares in d the entry that will hold pages of entry k from page
+ * first on once the program has moved them to dest, where they start a
+ * mapping of length bytes (mremap).  Its arrays are allocated now,
+ * before any page moves: memory freed by the move could otherwise be
+ * handed out for them and then unmapped with the rest of the old range.
+ * Returns 0 or -ENOMEM (and then allocates nothing).  Under cow__mutex.
+ */
+int cow__move_prepare(int k, size_t first, uintptr_t dest, size_t length,
+                      struct cow__mapping *d)
+{
+    const struct cow__mapping *m = &cow__mappings[k];
+
+    *d = (struct cow__mapping){
+        .start = dest,
+        .length = length,
+        .npages = cow__round_page(length) / cow__page,
+        .offset = m->offset + first * cow__page,
+        .base = m->base,
+        .used = true,
+        .api = m->api,
+        .engine = m->engine,
+    };
+    d->live = d->npages;
+
+    return cow__entry_arrays(m, d);
+}
+
+/* Frees what cow__move_prepare allocated, when the move did not happen. */
+void cow__move_abandon(struct cow__mapping *d)
+{
+    cow__array_free((void *)d->state, d->npages);
+    cow__array_free(d->snap, d->npages * sizeof(void *));
+    cow__array_free(d->snap_area, d->npages * cow__page);
+    cow__delta_forget(d);
+    d->state = NULL;
+}
+
+/*
+ * Records that the program moved pages [first, first + n_old) of entry k
+ * to where d, prepared by cow__move_prepare, says: d takes over their
+ * states, snapshots and deltas, its pages past n_old are the file's
+ * with the protection ext_prot, and the old pages are GONE from entry k.
+ * The memory must already be where the table will say it is.  Returns
+ * the new entry, or -ENOMEM when the table is full (d is freed then, and
+ * nothing changed).  Under cow__mutex, with the spinlock held.
+ */
+int cow__mapping_move(int k, size_t first, size_t n_old,
+                      struct cow__mapping *d, int ext_prot)
+{
+    struct cow__mapping *m = &cow__mappings[k];
+    size_t i;
+    int j;
+
+    for (i = 0; i < d->npages; i++)
+        cow__set_page(d, i, COW__CLEAN, ext_prot);
+    j = cow__entry_put(d);
+    if (j < 0) {
+        cow__move_abandon(d);
+        return j;
+    }
+    if (cow__carry_pages(m, first, n_old, &cow__mappings[j]) != 0) {
+        /*
+         * Out of memory for the deltas: without one, a page's reference
+         * is the base, so its next commit records again the bytes that
+         * differ from the base, unchanged ones too, but loses none.
+         */
+        cow__delta_forget(&cow__mappings[j]);
+    }
+    cow__pages_gone(m, first, first + n_old);
+    while (cow__high > 0 && !cow__mappings[cow__high - 1].used)
+        cow__high--;
+    cow__span_update();
+
+    return j;
 }
 
 /*
@@ -542,14 +830,58 @@ static void cow__range_set_prot(uintptr_t start, size_t length, int prot)
 }
 
 /*
+ * The protection page i of m really gets for the program's prot: a
+ * remap page that is not private and writable never gets PROT_WRITE,
+ * whose writes would reach the base file; a uffd page is private and
+ * gets prot as is, unless it waits for a forked child's first write.
+ */
+static int cow__real_prot(const struct cow__mapping *m, size_t i, int prot)
+{
+    if (m->engine == COW__ENGINE_UFFD ? !m->child_pending
+                                      : cow__state(m, i) == COW__DIRTY)
+        return prot;
+
+    return prot & ~PROT_WRITE;
+}
+
+/*
+ * Gives live pages [first, last) of m the protection their states call
+ * for, in runs of pages that get the same.  Spinlock held; returns like
+ * mprotect.
+ */
+int cow__apply_prots(struct cow__mapping *m, size_t first, size_t last)
+{
+    size_t run = first;
+    int run_prot = -1;
+    size_t i;
+
+    for (i = first; i <= last; i++) {
+        int want = -1;
+
+        if (i < last && cow__state(m, i) != COW__GONE)
+            want = cow__real_prot(m, i, cow__page_prot(m, i));
+        if (want == run_prot)
+            continue;
+        if (run_prot >= 0 &&
+            cow__sys_mprotect((void *)(m->start + run * cow__page),
+                              (i - run) * cow__page, run_prot) != 0)
+            return -1;
+        run = i;
+        run_prot = want;
+    }
+
+    return 0;
+}
+
+/*
  * Changes the protection of [start, start + length) as mprotect(2) would,
- * without ever making a managed page that is not private writable: its
+ * without ever making a remap page that is not private writable: its
  * write access would reach the base file.  Such pages get prot without
  * PROT_WRITE and remember that the program may write them, so that a
  * write makes them private as usual; the other pages (not managed, or
- * managed and dirty) get prot.  The range is changed in runs of pages that
- * get the same protection, in address order, so no page is ever left
- * more restricted than the program asked for.  A managed page the program
+ * private) get prot.  The range is changed in runs of pages that get the
+ * same protection, in address order, so no page is ever left more
+ * restricted than the program asked for.  A managed page the program
  * makes read-only is no longer the handler's to open: writing it crashes,
  * as it would without libcow.  Under cow__mutex; returns like mprotect.
  */
@@ -584,8 +916,7 @@ int cow__range_protect(uintptr_t start, size_t length, int prot)
             step = next < end ? next : end;
         } else {
             cow__set_page(m, i, cow__state(m, i), prot);
-            if (cow__state(m, i) != COW__DIRTY)
-                want = prot & ~PROT_WRITE;
+            want = cow__real_prot(m, i, prot);
             step = p + cow__page;
         }
         if (want != run_prot) {
@@ -605,348 +936,31 @@ int cow__range_protect(uintptr_t start, size_t length, int prot)
     return rc;
 }
 
-void cow__batch_clear(struct cow__batch *b)
-{
-    b->buf.len = 0;
-    b->buf.err = 0;
-    b->nrecords = 0;
-    b->tail = 0;
-    b->tail_end = UINT64_MAX;
-}
-
-void cow__batch_free(struct cow__batch *b)
-{
-    cow__buf_free(&b->buf);
-    cow__batch_clear(b);
-}
-
-void cow__batch_record(const struct cow__batch *b, size_t pos,
-                       uint64_t *offset, uint32_t *len)
-{
-    memcpy(offset, b->buf.data + pos, sizeof(*offset));
-    memcpy(len, b->buf.data + pos + sizeof(*offset), sizeof(*len));
-}
-
-/* Appends one record; the caller has checked len <= COW__RECORD_MAX. */
-static void cow__batch_put(struct cow__batch *b, uint64_t offset,
-                           const void *p, uint32_t len)
-{
-    b->tail = b->buf.len;
-    cow__buf_put(&b->buf, &offset, sizeof(offset));
-    cow__buf_put(&b->buf, &len, sizeof(len));
-    cow__buf_put(&b->buf, p, len);
-    b->nrecords++;
-}
-
-/*
- * Appends bytes written explicitly, as records of at most
- * COW__RECORD_MAX bytes.  Returns 0 or -ENOMEM (and then adds nothing).
- */
-int cow__batch_add(struct cow__batch *b, uint64_t offset, const void *p,
-                   size_t len)
-{
-    size_t pieces = len / COW__RECORD_MAX + 1;
-    const unsigned char *src = p;
-
-    if (pieces > SIZE_MAX / COW__RECORD_HEADER ||
-        cow__buf_reserve(&b->buf, len + pieces * COW__RECORD_HEADER) != 0)
-        return -ENOMEM;
-    while (len > 0) {
-        uint32_t n = len < COW__RECORD_MAX ? (uint32_t)len
-                                           : COW__RECORD_MAX;
-
-        cow__batch_put(b, offset, src, n);
-        offset += n;
-        src += n;
-        len -= n;
-    }
-    b->tail_end = UINT64_MAX;
-
-    return 0;
-}
-
-/*
- * Appends a run found by the diff, extending the previous record when the
- * run continues it (a write that crosses a page boundary stays one
- * record).  The caller reserved room, so this never allocates.
- */
-static void cow__batch_run(struct cow__batch *b, uint64_t offset,
-                           const unsigned char *p, size_t len)
-{
-    uint64_t at;
-    uint32_t n;
-
-    if (b->tail_end == offset && b->nrecords > 0) {
-        cow__batch_record(b, b->tail, &at, &n);
-        if ((size_t)n + len <= COW__RECORD_MAX) {
-            n += (uint32_t)len;
-            memcpy(b->buf.data + b->tail + sizeof(at), &n, sizeof(n));
-            cow__buf_put(&b->buf, p, len);
-            b->tail_end = offset + len;
-            return;
-        }
-    }
-    cow__batch_put(b, offset, p, (uint32_t)len);
-    b->tail_end = offset + len;
-}
-
-/* Moves the records of src to the end of dst, in order. */
-static int cow__batch_move(struct cow__batch *dst, struct cow__batch *src)
-{
-    if (src->nrecords == 0)
-        return 0;
-    if (cow__buf_reserve(&dst->buf, src->buf.len) != 0)
-        return -ENOMEM;
-    cow__buf_put(&dst->buf, src->buf.data, src->buf.len);
-    dst->nrecords += src->nrecords;
-    dst->tail_end = UINT64_MAX;
-    cow__batch_clear(src);
-
-    return 0;
-}
-
-/* Reads n bytes of the base at off; zeroes what lies past its end. */
-static int cow__read_base(int fd, unsigned char *dst, size_t n, uint64_t off)
-{
-    size_t got = 0;
-
-    while (got < n) {
-        ssize_t r = pread(fd, dst + got, n - got, (off_t)(off + got));
-
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r < 0)
-            return -errno;
-        if (r == 0)
-            break;
-        got += (size_t)r;
-    }
-    memset(dst + got, 0, n - got);
-
-    return 0;
-}
-
-/*
- * Applies to ref, the reference image of the n bytes at file offset off,
- * the bytes cow_write() recorded in this batch (the records between
- * buffer positions from and to), so that the diff does not record them a
- * second time.
- */
-static void cow__patch_ref(unsigned char *ref, uint64_t off, size_t n,
-                           const struct cow__batch *b, size_t from,
-                           size_t to)
-{
-    size_t pos = from;
-
-    while (pos < to) {
-        uint64_t at;
-        uint32_t len;
-        uint64_t lo;
-        uint64_t hi;
-
-        cow__batch_record(b, pos, &at, &len);
-        lo = at > off ? at : off;
-        hi = at + len < off + n ? at + len : off + n;
-        if (lo < hi)
-            memcpy(ref + (lo - off),
-                   b->buf.data + pos + COW__RECORD_HEADER + (lo - at),
-                   hi - lo);
-        pos += COW__RECORD_HEADER + len;
-    }
-}
-
-/* Appends the runs of now that differ from ref. */
-static void cow__diff(struct cow__batch *b, uint64_t off,
-                      const unsigned char *now, const unsigned char *ref,
-                      size_t n)
-{
-    size_t i = 0;
-    size_t j;
-
-    if (memcmp(now, ref, n) == 0)
-        return;
-    while (i < n) {
-        if (now[i] == ref[i]) {
-            i++;
-            continue;
-        }
-        for (j = i + 1; j < n && now[j] != ref[j]; j++)
-            ;
-        cow__batch_run(b, off + i, now + i, j - i);
-        i = j;
-    }
-}
-
-/*
- * Commits one dirty page i of m into b's batch: write-protects it, then
- * diffs it.  The page must be read-only before it is read: a store that
- * landed after the diff read its byte, while the page was still writable,
- * would be neither recorded nor seen by the next diff, whose reference is
- * taken from this very page.  limit is how many of the page's bytes lie
- * inside the file.  Called with signals blocked.
- *
- * When the page cannot be write-protected (mprotect needs a kernel
- * mapping slot to split a merged range, and vm.max_map_count may be
- * reached), the page stays writable and is diffed through a copy that
- * becomes its new reference: a store racing with the copy is either in
- * the copy, and recorded now, or not, and then differs from the copy at
- * the next commit.  Returns 0 or -ENOMEM.
- */
-static int cow__commit_page(struct cow__base *b, struct cow__mapping *m,
-                            size_t i, const unsigned char *ref,
-                            size_t limit)
-{
-    unsigned char *page = (unsigned char *)(m->start + i * cow__page);
-    uint64_t off = m->offset + i * cow__page;
-    unsigned char *copy = NULL;
-    void *old;
-
-    cow__spin_lock();
-    if (cow__state(m, i) != COW__DIRTY) {
-        cow__spin_unlock();
-        return 0;
-    }
-    if (cow__sys_mprotect(page, cow__page,
-                          cow__page_prot(m, i) & ~PROT_WRITE) != 0) {
-        copy = cow__sys_mmap(NULL, cow__page, PROT_READ | PROT_WRITE,
-                             MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-        if (copy == MAP_FAILED) {
-            cow__spin_unlock();
-            return -ENOMEM;
-        }
-        memcpy(copy, page, cow__page);
-    }
-    if (limit > 0)
-        cow__diff(&b->batch, off, copy != NULL ? copy : page, ref, limit);
-    old = m->snap[i];
-    m->snap[i] = copy;
-    if (copy == NULL)
-        cow__set_state(m, i, COW__COMMITTED);
-    cow__spin_unlock();
-
-    if (old != NULL)
-        cow__sys_munmap(old, cow__page);
-
-    return 0;
-}
-
-/* Commits every dirty page of m into b's batch.  Signals are blocked. */
-static int cow__collect_mapping(struct cow__base *b, struct cow__mapping *m,
-                                uint64_t size, unsigned char *ref,
-                                size_t writes_from, size_t writes_to)
-{
-    void *snap;
-    size_t i;
-    int rc;
-
-    for (i = 0; i < m->npages; i++) {
-        uint64_t off = m->offset + i * cow__page;
-        size_t limit = 0;
-
-        if (cow__state(m, i) != COW__DIRTY)
-            continue;
-        if (m->snap == NULL) {
-            void **array = cow__array_new(m->npages * sizeof(void *));
-
-            if (array == NULL)
-                return -ENOMEM;
-            cow__spin_lock();
-            m->snap = array;
-            cow__spin_unlock();
-        }
-        if (off < size)
-            limit = size - off < cow__page ? size - off : cow__page;
-
-        /*
-         * A dirty page's snapshot never changes and only cow__mutex
-         * holders free it, so once its address is read (under the
-         * spinlock, which orders it after the handler's store) it can be
-         * copied without the lock.
-         */
-        cow__spin_lock();
-        snap = m->snap[i];
-        cow__spin_unlock();
-        if (snap != NULL) {
-            memcpy(ref, snap, cow__page);
-        } else {
-            rc = cow__read_base(b->fd, ref, limit, off);
-            if (rc != 0)
-                return rc;
-        }
-        cow__patch_ref(ref, off, limit, &b->batch, writes_from, writes_to);
-        if (cow__buf_reserve(&b->batch.buf,
-                             limit + (limit / 2 + 1) * COW__RECORD_HEADER))
-            return -ENOMEM;
-        rc = cow__commit_page(b, m, i, ref, limit);
-        if (rc != 0)
-            return rc;
-    }
-
-    return 0;
-}
-
-/*
- * Collects into base k's batch, after whatever an earlier failed commit
- * left there, the bytes cow_write() recorded and then the runs in which
- * every dirty page of the base's mappings differs from its reference, and
- * makes those pages COMMITTED.  Bytes past the end of the file are never
- * recorded.  Under cow__mutex.  Returns 0 or a negative errno; on error
- * the pages not yet collected stay dirty for the next commit.
- */
-int cow__collect(int k)
-{
-    struct cow__base *b = &cow__bases[k];
-    unsigned char *ref;
-    struct stat st;
-    sigset_t all;
-    sigset_t saved;
-    size_t writes_from = b->batch.buf.len;
-    size_t writes_to;
-    size_t j;
-    int rc = 0;
-
-    if (cow__base_fd(k) < 0 || fstat(b->fd, &st) != 0)
-        return -EBADF;
-    rc = cow__batch_move(&b->batch, &b->writes);
-    if (rc != 0)
-        return rc;
-    writes_to = b->batch.buf.len;
-    ref = malloc(cow__page);
-    if (ref == NULL)
-        return -ENOMEM;
-
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &saved);
-    for (j = 0; j < cow__high && rc == 0; j++) {
-        struct cow__mapping *m = &cow__mappings[j];
-
-        if (m->used && m->base == k)
-            rc = cow__collect_mapping(b, m, (uint64_t)st.st_size, ref,
-                                      writes_from, writes_to);
-    }
-    pthread_sigmask(SIG_SETMASK, &saved, NULL);
-    free(ref);
-
-    return rc;
-}
-
 /*
  * In a forked child, with the spinlock held and signals blocked: the
- * pages the parent had dirtied become the child's starting point.  They
- * turn COMMITTED without being recorded (the parent commits them in its
- * own session), so the child's first write to one snapshots it and the
- * child's log holds only what the child changed.
+ * pages the parent had made private become the child's starting point,
+ * so the child's log holds only what the child changed (the parent
+ * commits its own pages in its own session).  Remap pages the parent had
+ * dirtied turn COMMITTED without being recorded, so the child's first
+ * write to one snapshots it.  uffd mappings lost the parent's userfaultfd
+ * registration in the fork; cow__uffd_child_baseline gives them the
+ * child's own.
  */
 void cow__after_fork_baseline(void)
 {
     size_t k;
     size_t i;
 
+    cow__uffd_forget();
     for (k = 0; k < cow__high; k++) {
         struct cow__mapping *m = &cow__mappings[k];
 
         if (!m->used)
             continue;
+        if (m->engine == COW__ENGINE_UFFD) {
+            cow__uffd_child_defer(m);
+            continue;
+        }
         if (m->snap == NULL)
             m->snap = cow__array_new(m->npages * sizeof(void *));
         for (i = 0; i < m->npages; i++) {
@@ -957,10 +971,7 @@ void cow__after_fork_baseline(void)
                                   cow__page_prot(m, i) & ~PROT_WRITE) != 0)
                 continue;
             cow__set_state(m, i, COW__COMMITTED);
-            if (m->snap != NULL && m->snap[i] != NULL) {
-                cow__sys_munmap(m->snap[i], cow__page);
-                m->snap[i] = NULL;
-            }
+            cow__snap_drop(m, i);
         }
     }
 }

@@ -10,7 +10,6 @@
  * so a reply may carry keys this library does not know.
  */
 #include <errno.h>
-#include <stdlib.h>
 #include <string.h>
 
 #include "cow_internal.h"
@@ -38,24 +37,31 @@ struct cow__mp_item {
     size_t size;          /* bytes to consume; header only for containers */
 };
 
+/* The smallest buffer: one page on most machines. */
+#define COW__BUF_MIN 4096
+
 int cow__buf_reserve(struct cow__buf *b, size_t more)
 {
     size_t cap;
-    unsigned char *p;
+    void *p;
 
     if (b->err)
         return b->err;
     if (more <= b->cap - b->len)
         return 0;
-    if (more > SIZE_MAX / 2 - b->len) {
+    if (more > SIZE_MAX / 4 - b->len) {
         b->err = -ENOMEM;
         return b->err;
     }
-    cap = b->cap ? b->cap : 256;
+    cap = b->cap ? b->cap : COW__BUF_MIN;
     while (cap - b->len < more)
         cap *= 2;
-    p = realloc(b->data, cap);
-    if (p == NULL) {
+    if (b->data == NULL)
+        p = cow__sys_mmap(NULL, cap, PROT_READ | PROT_WRITE,
+                          MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    else
+        p = cow__sys_mremap(b->data, b->cap, cap, MREMAP_MAYMOVE, NULL);
+    if (p == MAP_FAILED) {
         b->err = -ENOMEM;
         return b->err;
     }
@@ -76,7 +82,8 @@ void cow__buf_put(struct cow__buf *b, const void *p, size_t n)
 
 void cow__buf_free(struct cow__buf *b)
 {
-    free(b->data);
+    if (b->data != NULL)
+        cow__sys_munmap(b->data, b->cap);
     b->data = NULL;
     b->len = 0;
     b->cap = 0;

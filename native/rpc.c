@@ -130,7 +130,7 @@ static int cow__send_all(const unsigned char *p, size_t n, int fd)
         if (sent < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
             return cow__rpc_fail(-ETIMEDOUT, "cowd does not read");
         if (sent < 0)
-            return cow__rpc_fail(-errno, "send: %s", strerror(errno));
+            return cow__rpc_fail(-errno, "send: %s", cow__strerror(errno));
         /* The descriptor went with the first bytes; never send it twice. */
         fd = -1;
         p += sent;
@@ -178,7 +178,7 @@ static int cow__recv_frame(void)
         if (got < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
             return cow__rpc_fail(-ETIMEDOUT, "cowd does not answer");
         if (got < 0)
-            return cow__rpc_fail(-errno, "receive: %s", strerror(errno));
+            return cow__rpc_fail(-errno, "receive: %s", cow__strerror(errno));
         if (got == 0)
             return cow__rpc_fail(-EPIPE, "cowd closed the connection");
         in->len += (size_t)got;
@@ -361,7 +361,7 @@ static int cow__hello(void)
     cow__mp_put_cstr(&b, "pid");
     cow__mp_put_uint(&b, (uint64_t)getpid());
     cow__mp_put_cstr(&b, "engine");
-    cow__mp_put_cstr(&b, "remap");
+    cow__mp_put_cstr(&b, cow__engine_name);
     cow__mp_put_cstr(&b, "argv0");
     cow__mp_put_cstr(&b, program_invocation_name);
     rc = cow__call(&b, -1, &r);
@@ -416,19 +416,19 @@ int cow__rpc_connect(const char *path)
     memcpy(sun.sun_path, path, len + 1);
     fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd < 0) {
-        rc = cow__rpc_fail(-errno, "%s", strerror(errno));
+        rc = cow__rpc_fail(-errno, "%s", cow__strerror(errno));
         goto out;
     }
     rc = cow__connect_fd(fd, &sun);
     if (rc != 0) {
         close(fd);
-        rc = cow__rpc_fail(rc, "%s", strerror(-rc));
+        rc = cow__rpc_fail(rc, "%s", cow__strerror(-rc));
         goto out;
     }
     setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
     setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
     if (fstat(fd, &st) != 0) {
-        rc = cow__rpc_fail(-errno, "%s", strerror(errno));
+        rc = cow__rpc_fail(-errno, "%s", cow__strerror(errno));
         close(fd);
         goto out;
     }

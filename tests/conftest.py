@@ -151,6 +151,28 @@ def programs(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def early(tmp_path_factory) -> Path:
+    """earlymain, linked with libearly, whose constructor runs before
+    libcow's (tests/programs/early)."""
+    out = tmp_path_factory.mktemp("early")
+    src = TESTS / "programs" / "early"
+    lib = ["cc", "-shared", "-fPIC", "-O1", "-Wall", "-o", str(out / "libearly.so")]
+    run([*lib, str(src / "early.c"), "-lpthread"], check=True)
+    main = [
+        "cc",
+        "-O1",
+        "-Wall",
+        "-o",
+        str(out / "earlymain"),
+        str(src / "earlymain.c"),
+    ]
+    main += [f"-L{out}", "-learly", f"-Wl,-rpath,{out}", "-lpthread"]
+    run(main, check=True)
+
+    return out / "earlymain"
+
+
 class Session:
     """A client session driven over RPC exactly as libcow drives one:
     hello, map a file (passing its descriptor), commit batches."""

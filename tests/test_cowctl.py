@@ -19,6 +19,9 @@ COMMANDS = [
     ["merge-all"],
     ["merge_all"],
     ["demo"],
+    ["bench"],
+    ["verify"],
+    ["prune"],
 ]
 
 

@@ -14,14 +14,14 @@ import sys
 import time
 from typing import Any
 
-from cowclient import _demo
+from cowclient import _bench, _demo
 from cowclient._native import libcow_path
 from cowclient._rpc import Client
 from cowclient._text import record_line
 from cowd.protocol import CowError
 
 # Engines libcow can run; others are refused before the program starts.
-ENGINES = ("auto", "remap")
+ENGINES = ("auto", "remap", "uffd")
 
 _GLOB_CHARS = "*?["
 
@@ -81,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_log_show)
 
     p = sub.add_parser("run", help="run a program with managed mappings")
-    p.add_argument("--engine", default="auto", help="auto (default) or remap")
+    p.add_argument("--engine", default="auto", help="auto (default), remap or uffd")
     p.add_argument(
         "--path",
         action="extend",
@@ -128,6 +128,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dry-run", action="store_true", help="only list them")
     p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser(
+        "bench", help="time first writes against the kernel's copy-on-write"
+    )
+    _bench.add_arguments(p)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="replay the original demo end to end")
     _demo.add_arguments(p)
@@ -407,6 +413,14 @@ def cmd_prune(args: argparse.Namespace) -> None:
     for path in result["pruned"]:
         print(f"{verb} {path}")
     print(f"{verb} {len(result['pruned'])} logs")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        try:
+            return _bench.run(client, args)
+        except _bench.BenchError as exc:
+            raise UsageError(str(exc)) from None
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -18,12 +18,29 @@
  *   pMS             sleep MS milliseconds
  *   f               fork: the child runs the remaining steps and exits 0;
  *                   the parent waits for it, then runs them too
+ *   F ... J         fork: the child runs the steps up to J and exits 0
+ *                   there (through exit(), so its destructors commit);
+ *                   the parent skips them, waits for the child at J and
+ *                   goes on
+ *   gPATH           wait until a byte can be read from PATH (a FIFO)
+ *   mOFFSET:LENGTH:PROT
+ *                   mprotect LENGTH bytes at OFFSET to PROT, letters of
+ *                   "rwx" or "-" for none
+ *   dOFFSET:LENGTH  madvise(MADV_DONTNEED) LENGTH bytes at OFFSET
+ *   eKIND:PATH      exec PATH (no arguments) through KIND: execv, execve,
+ *                   execvp, execvpe, execl, execlp, execle, fexecve or
+ *                   execveat
+ *   _               _exit(0) now; E: _Exit(0) now
+ *   S               posix_spawnp "true" (found on PATH) and wait for
+ *                   it; y: system("true")
  *   x               exit(0) now, leaving the rest to the exit-time commit
  *
  * Offsets and lengths are decimal.  Exit 0 on success, 2 when a check
  * fails, 1 on a usage or system error, 3 when a forked child failed.
  */
+#define _GNU_SOURCE
 #include <fcntl.h>
+#include <spawn.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -32,6 +49,8 @@
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
+
+extern char **environ;
 
 static unsigned char *map;
 static size_t size;
@@ -105,6 +124,103 @@ static int read_into(size_t offset, const char *path)
     return 0;
 }
 
+static int wait_on(const char *path)
+{
+    char byte;
+    int fd = open(path, O_RDONLY);
+
+    if (fd < 0 || read(fd, &byte, 1) != 1) {
+        perror("mapscript: wait");
+        return 1;
+    }
+    close(fd);
+
+    return 0;
+}
+
+static int prot_of(const char *letters)
+{
+    int prot = PROT_NONE;
+
+    prot |= strchr(letters, 'r') != NULL ? PROT_READ : 0;
+    prot |= strchr(letters, 'w') != NULL ? PROT_WRITE : 0;
+    prot |= strchr(letters, 'x') != NULL ? PROT_EXEC : 0;
+
+    return prot;
+}
+
+static int range_step(const char *s)
+{
+    size_t offset;
+    const char *rest = parse_offset(s + 1, &offset);
+    char *end;
+    size_t length;
+
+    if (rest == NULL)
+        return -1;
+    length = strtoull(rest, &end, 10);
+    if (s[0] == 'd')
+        return madvise(map + offset, length, MADV_DONTNEED);
+    if (*end != ':')
+        return -1;
+
+    return mprotect(map + offset, length, prot_of(end + 1));
+}
+
+static int exec_step(const char *s)
+{
+    char kind[16];
+    const char *path = strchr(s, ':');
+    char *const argv[] = { (char *)"true", NULL };
+    int fd;
+
+    if (path == NULL || (size_t)(path - s) >= sizeof(kind))
+        return 1;
+    memcpy(kind, s, (size_t)(path - s));
+    kind[path - s] = '\0';
+    path++;
+    if (strcmp(kind, "execv") == 0)
+        execv(path, argv);
+    else if (strcmp(kind, "execve") == 0)
+        execve(path, argv, environ);
+    else if (strcmp(kind, "execvp") == 0)
+        execvp(path, argv);
+    else if (strcmp(kind, "execvpe") == 0)
+        execvpe(path, argv, environ);
+    else if (strcmp(kind, "execl") == 0)
+        execl(path, "true", (char *)NULL);
+    else if (strcmp(kind, "execlp") == 0)
+        execlp(path, "true", (char *)NULL);
+    else if (strcmp(kind, "execle") == 0)
+        execle(path, "true", (char *)NULL, environ);
+    else if (strcmp(kind, "execveat") == 0)
+        execveat(AT_FDCWD, path, argv, environ, 0);
+    else if (strcmp(kind, "fexecve") == 0 &&
+             (fd = open(path, O_RDONLY)) >= 0)
+        fexecve(fd, argv, environ);
+    else
+        fprintf(stderr, "mapscript: unknown exec kind %s\n", kind);
+    perror("mapscript: exec");
+
+    return 1;
+}
+
+static int spawn_true(void)
+{
+    char *const argv[] = { (char *)"true", NULL };
+    pid_t pid;
+    int status;
+
+    if (posix_spawnp(&pid, "true", NULL, NULL, argv, environ) != 0 ||
+        waitpid(pid, &status, 0) < 0 || !WIFEXITED(status) ||
+        WEXITSTATUS(status) != 0) {
+        fprintf(stderr, "mapscript: posix_spawnp true failed\n");
+        return 1;
+    }
+
+    return 0;
+}
+
 static int step(const char *s, int *forked)
 {
     unsigned char *data;
@@ -156,6 +272,31 @@ static int step(const char *s, int *forked)
     case 'f':
         *forked = 1;
         return 0;
+    case 'F':
+        *forked = 2;
+        return 0;
+    case 'J':
+        /* Reached only by the child of F. */
+        fflush(NULL);
+        exit(0);
+    case 'g':
+        return wait_on(s + 1);
+    case 'm':
+    case 'd':
+        if (range_step(s) == 0)
+            return 0;
+        perror("mapscript: mprotect/madvise");
+        return 1;
+    case 'e':
+        return exec_step(s + 1);
+    case '_':
+        _exit(0);
+    case 'E':
+        _Exit(0);
+    case 'S':
+        return spawn_true();
+    case 'y':
+        return system("true") == 0 ? 0 : 1;
     case 'x':
         exit(0);
     default:
@@ -209,6 +350,9 @@ int main(int argc, char **argv)
         }
         if (child == 0)
             continue;
+        if (forked == 2)
+            while (i < argc && strcmp(argv[i], "J") != 0)
+                i++;
         if (waitpid(child, &status, 0) < 0 || !WIFEXITED(status) ||
             WEXITSTATUS(status) != 0)
             return 3;
