@@ -12,7 +12,7 @@ SOURCES := pyproject.toml CMakeLists.txt $(shell find cowd client native -type f
 	\( -name '*.py' -o -name '*.c' -o -name '*.h' -o -name 'CMakeLists.txt' \) \
 	2>/dev/null)
 
-.PHONY: all demo test bench lint clean
+.PHONY: all demo test bench lint clean vmtest
 
 all: $(STAMP)
 
@@ -42,6 +42,11 @@ test: $(STAMP)
 # Side-by-side measurements; they print ratios, they assert nothing.
 bench: $(STAMP)
 	$(BIN)/python tests/bench/merge.py
+
+# The pteditor kernel module, tested inside a QEMU virtual machine on
+# Debian 12's kernel; as root, since it installs what it needs with apt.
+vmtest: $(STAMP)
+	bash vm/run.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check cowd client tests
