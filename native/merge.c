@@ -54,16 +54,20 @@
  *      region holds its window's pieces in commit order.  Pieces are
  *      gathered in a buffer and written sorted by destination; a piece
  *      too large for the buffer is copied straight from the log.
- *   3. Apply: windows are done in order.  A window with no pieces is
- *      copied from the base with copy_file_range(2), or skipped when the
- *      output was cloned from the base (FICLONE) or lies past the base's
- *      end (ftruncate(2) made it zeros).  Otherwise the headers of the
- *      window's region mark the blocks (COW__BLOCK bytes) that pieces
- *      touch; the base's bytes of those blocks are read into a buffer;
- *      the region is read front to back and each piece applied with the
- *      rules above, using an owner array of one 32-bit tag per byte of
- *      the window; and the marked blocks are written, the others copied
- *      from the base in the kernel like empty windows.
+ *   3. Apply: windows are done in order.  Unless the output was cloned
+ *      from the base (FICLONE), the base is copied into it in the kernel
+ *      with copy_file_range(2), in long runs kept ahead of the window
+ *      being applied; past the base's end there is nothing to copy, as
+ *      ftruncate(2) made those bytes zeros.  A window with no pieces
+ *      needs nothing more.  Otherwise the headers of the window's region
+ *      mark the blocks (COW__BLOCK bytes) that pieces touch, and short
+ *      gaps between marked blocks are marked too; the base's bytes of
+ *      the marked blocks are read into a buffer; the region is read
+ *      front to back and each piece applied with the rules above, using
+ *      an owner array of one 32-bit tag per byte of the window; and the
+ *      marked blocks are written over the copy.  Copying every block
+ *      and writing some twice costs less than filling a new file's
+ *      holes with write(2), and a dense window goes out in one write.
  *
  * An owner tag is a slot, the caller's sessions numbered densely from 1,
  * in its low COW__SLOT_BITS bits, and an epoch above them.  Each pass
@@ -139,14 +143,24 @@
 #define COW__TICKS 1024
 
 /*
- * Unit in which a window with pieces is written: blocks that pieces touch
- * are written from the window's buffer, the others copied from the base
- * in the kernel (or left alone in a cloned output).  A window smaller
- * than this is one block.
+ * Unit in which a window with pieces is written: only blocks that pieces
+ * touch are written from the window's buffer, over the copy of the base
+ * already in the output.  A window smaller than this is one block.
  */
 #define COW__BLOCK 4096u
 
-/* Empty windows copied with one copy_file_range run, at most. */
+/*
+ * Untouched blocks between two touched ones are read and written with
+ * them when the gap is at most this long: a syscall costs more than
+ * moving a few pages through the buffer, so a dense window goes out as
+ * one span, a sparse one as a few small writes.
+ */
+#define COW__GAP (64u << 10)
+
+/*
+ * The base is copied into the output in the kernel this far at a time,
+ * ahead of the windows applied over it.
+ */
 #define COW__COPY_RUN (64u << 20)
 
 /* Owner tags: the slot below, the epoch above; see the top comment. */
@@ -242,6 +256,11 @@ struct cow__merge {
     uint64_t spill_size;
     bool conflicted;
     bool no_copy_range;
+    /*
+     * The output holds the base's bytes below this offset (all of them
+     * when cloned): the apply pass copies ahead of the windows it writes.
+     */
+    uint64_t copied;
     struct cow_merge_conflict *conflicts;
     size_t max_conflicts;
     struct cow_merge_stats *stats;
@@ -1195,6 +1214,33 @@ static int cow__copy(struct cow__merge *m, struct cow__apply *ap,
     return cow__copy_plain(m, ap, start, end);
 }
 
+/*
+ * Makes the output hold the base's bytes below end, copying ahead of it
+ * in runs of COW__COPY_RUN: the kernel copies a long run faster than it
+ * fills the holes of a new file through write(2), so every window of the
+ * base is copied, then its touched blocks are written over the copy.
+ * Windows are written in order, each after this has reached its end, so
+ * a copy never lands on bytes the merge wrote.  The plain fallback uses
+ * the window's buffer: call this before reading into it.
+ */
+static int cow__copy_ahead(struct cow__merge *m, struct cow__apply *ap,
+                           uint64_t end)
+{
+    uint64_t stop;
+    int rc;
+
+    end = cow__min(end, m->base_size);
+    while (m->copied < end) {
+        stop = cow__min(m->copied + COW__COPY_RUN, m->base_size);
+        rc = cow__copy(m, ap, m->copied, stop);
+        if (rc < 0)
+            return rc;
+        m->copied = stop;
+    }
+
+    return 0;
+}
+
 static bool cow__marked(const struct cow__apply *ap, uint32_t b)
 {
     return ap->blocks[b / 64] & (uint64_t)1 << (b % 64);
@@ -1256,6 +1302,24 @@ static bool cow__block_run(const struct cow__apply *ap, uint32_t b,
     return marked;
 }
 
+/*
+ * Marks the untouched blocks of every gap of at most COW__GAP bytes
+ * between two runs of touched ones, so that they are read and written
+ * with their neighbours.  They hold the base's bytes either way.
+ */
+static void cow__fill_gaps(struct cow__apply *ap)
+{
+    uint32_t from, to = 0, b;
+
+    while (to < ap->wlen) {
+        if (cow__block_run(ap, to / ap->block, &from, &to) || from == 0 ||
+            to == ap->wlen || to - from > COW__GAP)
+            continue;
+        for (b = from / ap->block; b < to / ap->block; b++)
+            ap->blocks[b / 64] |= (uint64_t)1 << (b % 64);
+    }
+}
+
 /* Reads [from, to) of the window from the base, zeros past its end. */
 static int cow__read_span(struct cow__merge *m, struct cow__apply *ap,
                           uint32_t from, uint32_t to)
@@ -1293,14 +1357,12 @@ static int cow__read_base(struct cow__merge *m, struct cow__apply *ap)
 }
 
 /*
- * Writes the window: its marked blocks from the buffer, then (unless the
- * output is a clone of the base) the others copied from the base, which
- * may use the buffer.
+ * Writes the marked blocks of the window from the buffer, over the copy
+ * of the base that cow__copy_ahead() put in the output.
  */
 static int cow__write_window(struct cow__merge *m, struct cow__apply *ap)
 {
     uint32_t from, to = 0;
-    bool marked;
     int rc;
 
     if (!cow__writing(m))
@@ -1310,13 +1372,6 @@ static int cow__write_window(struct cow__merge *m, struct cow__apply *ap)
             continue;
         rc = cow__pwrite_all(m->out_fd, ap->val + from, to - from,
                              ap->wstart + from);
-        if (rc < 0)
-            return rc;
-    }
-    to = 0;
-    while (to < ap->wlen && !m->stats->cloned) {
-        marked = cow__block_run(ap, to / ap->block, &from, &to);
-        rc = marked ? 0 : cow__copy(m, ap, ap->wstart + from, ap->wstart + to);
         if (rc < 0)
             return rc;
     }
@@ -1336,6 +1391,9 @@ static int cow__apply_window(struct cow__merge *m, struct cow__apply *ap,
     /* The region is read several times: keep it in the buffer if it fits. */
     ap->reader.keep = pos;
     rc = cow__plan_window(ap, pos, end);
+    cow__fill_gaps(ap);
+    if (rc == 0 && cow__writing(m))
+        rc = cow__copy_ahead(m, ap, ap->wstart + ap->wlen);
     if (rc == 0)
         rc = cow__read_base(m, ap);
     if (rc == 0)
@@ -1383,19 +1441,24 @@ static int cow__skip_empty(struct cow__merge *m, struct cow__apply *ap,
     *next = w;
     end = cow__min(end, m->out_size);
 
-    if (m->stats->cloned || !cow__writing(m))
+    if (!cow__writing(m))
         return 0;
 
-    return cow__copy(m, ap, start, end);
+    return cow__copy_ahead(m, ap, end);
 }
 
-/* Gives the output its size, cloned from the base when it can be. */
+/*
+ * Gives the output its size, cloned from the base when it can be; if it
+ * is not, the apply pass copies the base in as it goes.
+ */
 static int cow__prepare_output(struct cow__merge *m)
 {
-    if (m->base_size > 0 && ioctl(m->out_fd, FICLONE, m->base_fd) == 0)
+    if (m->base_size > 0 && ioctl(m->out_fd, FICLONE, m->base_fd) == 0) {
         m->stats->cloned = 1;
-    else if (ftruncate(m->out_fd, 0) < 0)
+        m->copied = m->base_size;
+    } else if (ftruncate(m->out_fd, 0) < 0) {
         return -errno;
+    }
     if (ftruncate(m->out_fd, (off_t)m->out_size) < 0)
         return -errno;
 
