@@ -15,23 +15,9 @@ import sys
 import textwrap
 
 import pytest
+from managed import PAGE, apply, make_base
 
 from conftest import hexarg, run
-
-PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def make_base(path, size=3 * PAGE) -> bytes:
-    content = bytes((i * 7 + 3) % 251 for i in range(size))
-    path.write_bytes(content)
-    return content
-
-
-def apply(content: bytes, writes) -> bytes:
-    out = bytearray(content)
-    for offset, data in writes:
-        out[offset : offset + len(data)] = data
-    return bytes(out)
 
 
 def merge_all(cowd, base, out, *extra):

@@ -19,40 +19,7 @@
 #include <unistd.h>
 
 #include "cow.h"
-
-static int hex_digit(char c)
-{
-    if (c >= '0' && c <= '9')
-        return c - '0';
-    if (c >= 'a' && c <= 'f')
-        return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F')
-        return c - 'A' + 10;
-    return -1;
-}
-
-/* Decodes hex into a new buffer; returns its length or -1. */
-static long decode(const char *hex, unsigned char **out)
-{
-    size_t n = strlen(hex) / 2;
-    size_t k;
-
-    if (strlen(hex) % 2 != 0)
-        return -1;
-    *out = malloc(n + 1);
-    if (*out == NULL)
-        return -1;
-    for (k = 0; k < n; k++) {
-        int hi = hex_digit(hex[2 * k]);
-        int lo = hex_digit(hex[2 * k + 1]);
-
-        if (hi < 0 || lo < 0)
-            return -1;
-        (*out)[k] = (unsigned char)(hi << 4 | lo);
-    }
-
-    return (long)n;
-}
+#include "hexdata.h"
 
 int main(int argc, char **argv)
 {
@@ -84,7 +51,7 @@ int main(int argc, char **argv)
         size_t offset;
         long len;
 
-        if (colon == NULL || (len = decode(colon + 1, &data)) < 0) {
+        if (colon == NULL || (len = hexdata_decode(colon + 1, &data)) < 0) {
             fprintf(stderr, "api_writer: bad edit %s\n", argv[i]);
             return 1;
         }

@@ -50,22 +50,13 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "hexdata.h"
+
 extern char **environ;
 
 static unsigned char *map;
 static size_t size;
 static size_t mapped; /* size rounded up to whole pages */
-
-static int hex_digit(char c)
-{
-    if (c >= '0' && c <= '9')
-        return c - '0';
-    if (c >= 'a' && c <= 'f')
-        return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F')
-        return c - 'A' + 10;
-    return -1;
-}
 
 /* Parses "OFFSET:REST"; returns REST or NULL. */
 static const char *parse_offset(const char *arg, size_t *offset)
@@ -77,26 +68,6 @@ static const char *parse_offset(const char *arg, size_t *offset)
         return NULL;
 
     return end + 1;
-}
-
-/* Decodes hex into a new buffer; returns its length or -1. */
-static long decode(const char *hex, unsigned char **out)
-{
-    size_t n = strlen(hex) / 2;
-    size_t k;
-
-    if (strlen(hex) % 2 != 0 || (*out = malloc(n + 1)) == NULL)
-        return -1;
-    for (k = 0; k < n; k++) {
-        int hi = hex_digit(hex[2 * k]);
-        int lo = hex_digit(hex[2 * k + 1]);
-
-        if (hi < 0 || lo < 0)
-            return -1;
-        (*out)[k] = (unsigned char)(hi << 4 | lo);
-    }
-
-    return (long)n;
 }
 
 static int read_into(size_t offset, const char *path)
@@ -233,7 +204,7 @@ static int step(const char *s, int *forked)
     case 'w':
     case 'v':
         rest = parse_offset(s + 1, &offset);
-        if (rest == NULL || (len = decode(rest, &data)) < 0 ||
+        if (rest == NULL || (len = hexdata_decode(rest, &data)) < 0 ||
             offset + (size_t)len > mapped)
             break;
         if (s[0] == 'w') {

@@ -20,51 +20,30 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "hexdata.h"
+
 struct edit {
     size_t offset;
     unsigned char *data;
     size_t len;
 };
 
-static int hex_digit(char c)
-{
-    if (c >= '0' && c <= '9')
-        return c - '0';
-    if (c >= 'a' && c <= 'f')
-        return c - 'a' + 10;
-    if (c >= 'A' && c <= 'F')
-        return c - 'A' + 10;
-    return -1;
-}
-
 /* Parses OFFSET:HEXDATA into e; returns 0 or -1. */
 static int parse_edit(const char *arg, struct edit *e)
 {
     const char *colon = strchr(arg, ':');
-    const char *hex;
     char *end;
-    size_t k;
+    long len;
 
     if (colon == NULL)
         return -1;
     e->offset = strtoull(arg, &end, 10);
     if (end != colon)
         return -1;
-    hex = colon + 1;
-    if (strlen(hex) % 2 != 0)
+    len = hexdata_decode(colon + 1, &e->data);
+    if (len < 0)
         return -1;
-    e->len = strlen(hex) / 2;
-    e->data = malloc(e->len + 1);
-    if (e->data == NULL)
-        return -1;
-    for (k = 0; k < e->len; k++) {
-        int hi = hex_digit(hex[2 * k]);
-        int lo = hex_digit(hex[2 * k + 1]);
-
-        if (hi < 0 || lo < 0)
-            return -1;
-        e->data[k] = (unsigned char)(hi << 4 | lo);
-    }
+    e->len = (size_t)len;
 
     return 0;
 }
