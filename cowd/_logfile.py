@@ -194,6 +194,11 @@ def _scan_batches(reader: _Reader, result: Scan) -> None:
                 if crc != stored or count != len(records):
                     _mark_corrupt(result, start, "batch checksum mismatch")
                     return
+                if result.batches and seq <= result.batches[-1].seq:
+                    # cowd stamps a log's batches in increasing order, as
+                    # the merge engine also insists.
+                    _mark_corrupt(result, start, "commit sequence not increasing")
+                    return
                 result.batches.append(Batch(seq, start, reader.pos, records))
                 break
             else:

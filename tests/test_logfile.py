@@ -98,3 +98,14 @@ def test_header_damage_is_reported_with_the_path(tmp_path):
 
     with pytest.raises(CorruptLog, match=str(path)):
         _logfile.read_meta(str(path))
+
+
+def test_a_batch_stamped_out_of_order_is_corrupt(tmp_path):
+    path = tmp_path / "a.log"
+    write_log(path, [(5, [(0, b"five")]), (3, [(0, b"three")])])
+
+    found = _logfile.scan(str(path))
+
+    assert [b.seq for b in found.batches] == [5]
+    assert found.corrupt_reason == "commit sequence not increasing"
+    assert found.corrupt_at == found.batches[0].end
