@@ -306,7 +306,8 @@ class Daemon:
         output: int | None,
         name: str,
     ) -> dict[str, Any]:
-        if params.get("in_place") and not await self._has_news(plan):
+        in_place = bool(params.get("in_place"))
+        if in_place and not await trio.to_thread.run_sync(_merging.has_news, plan):
             log.info("nothing new to merge", logs=len(plan.logs))
             return {"output": None, "noop": True, "logs": len(plan.logs), "batches": 0}
         progress = _Progress(conn) if params.get("progress") else None
@@ -345,15 +346,6 @@ class Daemon:
             "records": result.records,
             "bytes": result.bytes,
         }
-
-    async def _has_news(self, plan: _merging.Plan) -> bool:
-        """Whether any log has a batch the file to merge does not hold."""
-        scans = await trio.to_thread.run_sync(_scan_all, plan.logs)
-        return any(
-            found.batches
-            and found.batches[-1].seq > plan.lineage.applied.get(info.path, 0)
-            for info, found in zip(plan.logs, scans, strict=True)
-        )
 
     def _record(
         self, plan: _merging.Plan, result: _engine.Result, st: os.stat_result
@@ -502,10 +494,6 @@ def _merge_fds(params: dict, fds: list[int]) -> tuple[int, int | None]:
         raise InvalidArgument("the source must be a regular file")
 
     return source, output
-
-
-def _scan_all(infos: list[LogInfo]) -> list[_logfile.Scan]:
-    return [_logfile.scan(info.path) for info in infos]
 
 
 def _log_summary(info: LogInfo, found: _logfile.Scan) -> dict[str, Any]:

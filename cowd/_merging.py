@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from cowd import _engine
+from cowd import _engine, _mergelib
 from cowd._state import LogInfo
 from cowd.durable import fsync_dir, write_all
 from cowd.protocol import BaseMismatch
@@ -172,6 +172,16 @@ class Plan:
             )
             for info in self.logs
         ]
+
+
+def has_news(plan: Plan) -> bool:
+    """Whether any log has a batch the file to merge does not hold yet."""
+    for info in plan.logs:
+        batches = _mergelib.verify(info.path).batches
+        if batches and batches[-1].seq > plan.lineage.applied.get(info.path, 0):
+            return True
+
+    return False
 
 
 def run(
