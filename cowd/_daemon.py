@@ -20,7 +20,7 @@ import structlog
 import trio
 
 import cowd
-from cowd import _engine, _logfile, _merging, protocol
+from cowd import _engine, _logfile, _merging, _pteditor, protocol
 from cowd._engine import POLICIES
 from cowd._logfile import LogWriter
 from cowd._server import Connection
@@ -34,7 +34,11 @@ from cowd.protocol import (
 
 log = structlog.get_logger()
 
-ENGINES = ("auto", "remap", "uffd")
+# Most pages one pte_restore may name: a bound on what one request costs.
+_MAX_RESTORE_PAGES = 1 << 20
+
+# Engines a session may name; pteditor only from a cowd that runs it.
+ENGINES = ("auto", "remap", "pteditor", "uffd")
 
 
 @dataclass
@@ -59,9 +63,16 @@ class Daemon:
     """State shared by every connection, and the methods they call."""
 
     def __init__(
-        self, state: State, engine: str, socket_path: str, sync: bool = True
+        self,
+        state: State,
+        engine: str,
+        socket_path: str,
+        sync: bool = True,
+        device: _pteditor.Device | None = None,
     ) -> None:
         self.state = state
+        # The page-table editor, held open when cowd runs that engine.
+        self.device = device
         self.sync = sync
         self.manifests = _merging.Manifests(state.manifests_dir)
         self.engine = "remap" if engine == "auto" else engine
@@ -80,6 +91,8 @@ class Daemon:
             "merge_all": self.merge_all,
             "verify": self.verify,
             "prune": self.prune,
+            "pte_swap": self.pte_swap,
+            "pte_restore": self.pte_restore,
         }
 
     def is_admin(self, conn: Connection) -> bool:
@@ -87,6 +100,8 @@ class Daemon:
 
     def connection_closed(self, conn: Connection) -> None:
         session = conn.session
+        if conn.faults:
+            log.info("fault channel closed", pid=conn.pid)
         if session is None:
             return
         for _, writer in session.logs:
@@ -97,11 +112,18 @@ class Daemon:
     # -- the methods libcow calls ---------------------------------------
 
     async def hello(self, conn: Connection, params: dict, fds: list[int]) -> Any:
-        if conn.session is not None:
+        if conn.session is not None or conn.faults:
             raise ProtocolError("hello was already said on this connection")
         engine = params.get("engine", "auto")
         if engine not in ENGINES:
             raise InvalidArgument(f"engine {engine} is not available")
+        if engine == "pteditor" and self.device is None:
+            raise InvalidArgument(
+                f"cowd runs the {self.engine} engine, not pteditor"
+                " (start cowd with --engine pteditor)"
+            )
+        if params.get("faults", False):
+            return self._fault_channel(conn, engine)
         session_id, folder = self.state.new_session_dir(conn.pid)
         session = Session(
             id=session_id,
@@ -123,6 +145,56 @@ class Daemon:
         )
 
         return {"session": session_id, "engine": session.engine}
+
+    def _fault_channel(self, conn: Connection, engine: str) -> Any:
+        """Make conn the fault channel of the process at its other end.
+
+        The channel carries only pte_swap and pte_restore, so that a
+        fault never waits behind a commit of the same process.  It
+        belongs to the process the kernel names, not to a session id the
+        client could claim: a forked child opens its own before it has a
+        session.
+        """
+        if engine != "pteditor":
+            raise InvalidArgument("only the pteditor engine has a fault channel")
+        conn.faults = True
+        log.info("fault channel opened", pid=conn.pid, uid=conn.uid)
+
+        return {"faults": True, "engine": engine}
+
+    async def pte_swap(self, conn: Connection, params: dict, fds: list[int]) -> Any:
+        device = self._device_for(conn)
+        target, copy = _address(params, "target"), _address(params, "copy")
+        writable = params.get("writable", True)
+        if not isinstance(writable, bool):
+            raise InvalidArgument("writable must be a boolean")
+        try:
+            device.swap(conn.pid, target, copy, writable)
+        except _pteditor.Refused as exc:
+            log.warning("swap refused", pid=conn.pid, code=exc.code, error=str(exc))
+            raise
+
+        return {}
+
+    async def pte_restore(self, conn: Connection, params: dict, fds: list[int]) -> Any:
+        device = self._device_for(conn)
+        target = _address(params, "target")
+        pages = params.get("pages", 1)
+        if not isinstance(pages, int) or not 1 <= pages <= _MAX_RESTORE_PAGES:
+            raise InvalidArgument(f"pages must be 1..{_MAX_RESTORE_PAGES}")
+
+        return {"restored": device.restore(conn.pid, target, pages)}
+
+    def _device_for(self, conn: Connection) -> _pteditor.Device:
+        if self.device is None:
+            raise InvalidArgument(
+                f"engine pteditor is not available: cowd runs the {self.engine} engine"
+            )
+        session = conn.session
+        if not conn.faults and (session is None or session.engine != "pteditor"):
+            raise ProtocolError("say hello with the pteditor engine first")
+
+        return self.device
 
     async def map(self, conn: Connection, params: dict, fds: list[int]) -> Any:
         session = _session_of(conn)
@@ -199,7 +271,15 @@ class Daemon:
             "logs": len(self.state.logs),
             "uid": conn.uid,
             "admin": self.is_admin(conn),
+            **self._device_status(),
         }
+
+    def _device_status(self) -> dict[str, Any]:
+        """How many page-table entries the device holds swapped, if any."""
+        if self.device is None:
+            return {}
+
+        return {"swapped": self.device.swapped()}
 
     async def list_sessions(
         self, conn: Connection, params: dict, fds: list[int]
@@ -437,6 +517,14 @@ class Daemon:
             raise PermissionDenied(f"{path}: log belongs to another user")
 
         return info
+
+
+def _address(params: dict, key: str) -> int:
+    value = params.get(key)
+    if not isinstance(value, int) or not 0 < value < 1 << 64:
+        raise InvalidArgument(f"{key} must be an address")
+
+    return value
 
 
 def _session_of(conn: Connection) -> Session:

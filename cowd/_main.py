@@ -14,7 +14,7 @@ import structlog
 import trio
 
 import cowd
-from cowd import _logging, _server, _systemd
+from cowd import _logging, _pteditor, _server, _systemd
 from cowd._daemon import ENGINES, Daemon
 from cowd._state import State
 
@@ -22,8 +22,6 @@ log = structlog.get_logger()
 
 # Backlog of the listening socket; clients connect once per process.
 _BACKLOG = 128
-
-_ALL_ENGINES = ("auto", "remap", "pteditor", "uffd")
 
 
 class SetupError(Exception):
@@ -33,22 +31,27 @@ class SetupError(Exception):
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     _logging.configure(args.log_level)
+    device = None
     try:
-        if args.engine not in ENGINES:
-            raise SetupError(f"engine {args.engine} is not available in this build")
+        # The device first: a cowd that cannot serve its engine must not
+        # take the socket from one that can.
+        if args.engine == "pteditor":
+            device = _pteditor.Device()
         state = State(args.state_dir)
         listener, owned = _listener(args.socket)
-    except (SetupError, OSError, ValueError) as exc:
+    except (SetupError, _pteditor.Unavailable, OSError, ValueError) as exc:
         print(f"cowd: {exc}", file=sys.stderr)
         sys.exit(1)
     path = listener.getsockname() or args.socket
-    daemon = Daemon(state, args.engine, path, sync=args.sync)
+    daemon = Daemon(state, args.engine, path, sync=args.sync, device=device)
     try:
         trio.run(_run, daemon, listener)
     finally:
         if owned:
             _unlink_quietly(path)
         listener.close()
+        if device is not None:
+            device.close()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -67,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--engine",
-        choices=_ALL_ENGINES,
+        choices=ENGINES,
         default="auto",
         help="how private page copies are made (default: auto)",
     )

@@ -49,6 +49,8 @@ class Connection:
         raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDS.size)
         self.pid, self.uid, self.gid = _CREDS.unpack(raw)
         self.session: Any = None
+        # A session's fault channel (pteditor engine): pte_* calls only.
+        self.faults = False
         self._fds: deque[int] = deque()
 
     async def receive(self) -> bytes:

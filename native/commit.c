@@ -424,6 +424,20 @@ static size_t cow__limit(const struct cow__collector *c, uint64_t off)
 }
 
 /*
+ * Write-protects dirty page i of remap mapping m; under the pteditor
+ * engine its entry, through cowd, since the file mapping is read-only
+ * already and mprotect would change nothing.
+ */
+static int cow__write_protect(struct cow__mapping *m, size_t i, void *page)
+{
+    if (cow__pte_on)
+        return cow__pte_swap(page, page, false);
+
+    return cow__sys_mprotect(page, cow__page,
+                             cow__page_prot(m, i) & ~PROT_WRITE);
+}
+
+/*
  * Commits one dirty page i of remap mapping m: write-protects it, then
  * diffs it.  The page must be read-only before it is read: a store that
  * landed after the diff read its byte, while the page was still writable,
@@ -450,8 +464,7 @@ static int cow__commit_page(struct cow__collector *c, struct cow__mapping *m,
         cow__spin_unlock();
         return 0;
     }
-    if (cow__sys_mprotect(page, cow__page,
-                          cow__page_prot(m, i) & ~PROT_WRITE) != 0) {
+    if (cow__write_protect(m, i, page) != 0) {
         copy = cow__sys_mmap(NULL, cow__page, PROT_READ | PROT_WRITE,
                              MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
         if (copy == MAP_FAILED) {

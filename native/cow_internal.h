@@ -10,7 +10,8 @@
  * installed); uffd.c the userfaultfd engine that a mapping switches to
  * before the remap engine runs out of kernel mappings; io.c the wrappers
  * of the calls through which the kernel writes into user memory; rpc.c
- * the connection to cowd; msgpack.c the wire encoding.
+ * the connection to cowd; pte.c the fault channel of the pteditor
+ * engine; msgpack.c the wire encoding.
  *
  * Locking.  Two locks protect libcow's state, always taken in this order:
  *
@@ -210,6 +211,13 @@ struct cow__mapping {
     /* remap mappings: private pages and snapshots, each a kernel mapping */
     size_t nprivate;
     /*
+     * Under the pteditor engine (a remap mapping whose private pages cowd
+     * swaps in by page-table entry): per page, where the private copy is
+     * mapped in our address space, or NULL.  The copy stays there, and is
+     * unmapped only once the page's original entry is back.
+     */
+    void **pcopy;
+    /*
      * A uffd mapping in a forked child that has not written to it yet:
      * read-only until it does (see cow__uffd_child_defer).
      */
@@ -355,6 +363,23 @@ long cow__uffd_scan(uintptr_t *from, uintptr_t end, bool protect,
 void cow__uffd_forget(void);
 void cow__uffd_child_defer(struct cow__mapping *m);
 int cow__uffd_child_baseline(struct cow__mapping *m);
+
+/*
+ * pte.c: the fault channel of the pteditor engine.  cow__pte_on says the
+ * engine runs; swaps and restores are made with the spinlock held and
+ * every signal blocked, from the handler or from normal context.
+ */
+extern bool cow__pte_on;
+int cow__pte_start(const char *path);
+int cow__pte_swap(const void *target, const void *copy, bool writable);
+int cow__pte_restore(uintptr_t start, size_t pages);
+const char *cow__pte_error(void);
+void cow__pte_release_range(uintptr_t start, size_t length);
+void cow__pte_release_all(void);
+void cow__pte_forget(struct cow__mapping *m);
+void cow__pte_unswap(struct cow__mapping *m, size_t first, size_t last);
+void cow__pte_reswap(struct cow__mapping *m, size_t first, size_t last);
+void cow__pte_child(struct cow__mapping *m);
 
 /* rpc.c: every call is made with cow__mutex held. */
 int cow__rpc_connect(const char *path);

@@ -10,6 +10,10 @@
  * goes to whatever handled SIGSEGV before libcow, or kills the process as
  * the default action would.
  *
+ * Under the pteditor engine (pte.c) the copy is not moved: cowd points
+ * the file page's entry at it, and the entry, not mprotect, says whether
+ * the page may be written.
+ *
  * Each private page and snapshot costs the process a kernel mapping.
  * Once libcow holds cow__switch_at of them (a quarter of
  * vm.max_map_count, leaving room for the splits they cause and for the
@@ -111,7 +115,11 @@ enum {
     COW__RETRY,
     COW__NO_COPY,
     COW__PAST_EOF,
+    COW__NO_SWAP,
 };
+
+static const char cow__no_swap_msg[] =
+    "libcow: cowd could not swap in a private copy of a page: ";
 
 static const char cow__no_copy_msg[] =
     "libcow: cannot make a private copy of a page "
@@ -194,6 +202,63 @@ static void cow__count_map(struct cow__mapping *m)
 }
 
 /*
+ * Consecutive refusals of a swap because the file page was not mapped
+ * (or the kernel was busy with it) on this thread: the write is retried
+ * after each, which maps the page again, but not forever.
+ */
+#define COW__PTE_RETRIES 8
+static COW__TLS unsigned cow__pte_misses;
+
+/* What a refused swap means for the faulting write. */
+static int cow__pte_outcome(int rc)
+{
+    if (rc == 0) {
+        cow__pte_misses = 0;
+        return COW__RETRY;
+    }
+    if ((rc == -ENOENT || rc == -EAGAIN) &&
+        ++cow__pte_misses < COW__PTE_RETRIES)
+        return COW__RETRY;
+    cow__pte_misses = 0;
+
+    return COW__NO_SWAP;
+}
+
+/*
+ * The pteditor engine's private copy: a fresh anonymous page, kept out
+ * of forked children (a child sharing it copy-on-write would see our
+ * later writes through the swapped entry, which the kernel does not
+ * know about), filled from the file page and swapped in by cowd.  Until
+ * cowd answers, other threads read the file page, whose bytes the copy
+ * holds, and writers wait on the spinlock.
+ */
+static int cow__pte_copy(struct cow__mapping *m, size_t i, void *page)
+{
+    void *copy = cow__sys_mmap(NULL, cow__page, PROT_READ | PROT_WRITE,
+                               MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    int rc;
+
+    if (copy == MAP_FAILED)
+        return COW__NO_COPY;
+    if (syscall(SYS_madvise, copy, cow__page, MADV_DONTFORK) != 0) {
+        cow__sys_munmap(copy, cow__page);
+        return COW__NO_COPY;
+    }
+    memcpy(copy, page, cow__page);
+    rc = cow__pte_swap(page, copy, true);
+    if (rc != 0) {
+        cow__sys_munmap(copy, cow__page);
+        return cow__pte_outcome(rc);
+    }
+    m->pcopy[i] = copy;
+    cow__set_state(m, i, COW__DIRTY);
+    cow__count_map(m);
+    cow__pte_misses = 0;
+
+    return COW__RETRY;
+}
+
+/*
  * Replaces the CLEAN file page at page with a private copy of it.  The
  * page is first checked to lie inside the file: reading a page wholly
  * past the end would raise SIGBUS inside the handler, and a write there
@@ -208,6 +273,8 @@ static int cow__make_copy(struct cow__mapping *m, size_t i, void *page)
         return COW__NOT_OURS;
     if (m->offset + i * cow__page >= (uint64_t)st.st_size)
         return COW__PAST_EOF;
+    if (cow__pte_on)
+        return cow__pte_copy(m, i, page);
     if (cow__switched(m))
         return COW__RETRY;
 
@@ -242,6 +309,8 @@ static int cow__make_copy(struct cow__mapping *m, size_t i, void *page)
 static int cow__reopen(struct cow__mapping *m, size_t i, void *page)
 {
     void *snap = NULL;
+    int err;
+    int rc;
 
     if (cow__switched(m))
         return COW__RETRY;
@@ -252,10 +321,17 @@ static int cow__reopen(struct cow__mapping *m, size_t i, void *page)
             return COW__NO_COPY;
         memcpy(snap, page, cow__page);
     }
-    if (cow__sys_mprotect(page, cow__page, cow__page_prot(m, i)) != 0) {
+    if (cow__pte_on) {
+        err = cow__pte_swap(page, page, true);
+        rc = cow__pte_outcome(err);
+    } else {
+        err = cow__sys_mprotect(page, cow__page, cow__page_prot(m, i));
+        rc = COW__NO_COPY;
+    }
+    if (err != 0) {
         if (snap != NULL)
             cow__sys_munmap(snap, cow__page);
-        return COW__NO_COPY;
+        return rc;
     }
     if (snap != NULL) {
         m->snap[i] = snap;
@@ -271,7 +347,9 @@ static int cow__reopen(struct cow__mapping *m, size_t i, void *page)
  * page was made writable by another thread after this one faulted; the
  * mprotect is a no-op then, and it guarantees that retrying the write
  * cannot fault here forever should the page have been write-protected
- * behind libcow's back.  A page of a uffd mapping that the program may
+ * behind libcow's back (under pteditor, cowd writes the entry writable
+ * again instead, since a program's mprotect clears its write bit).  A
+ * page of a uffd mapping that the program may
  * write is writable, or about to be: the write faulted while another
  * thread was switching the mapping, and goes through once retried (the
  * mprotect changes nothing then, and splits no kernel mapping); or it is
@@ -307,8 +385,12 @@ static int cow__fault(uintptr_t addr, bool faulted)
         rc = cow__reopen(m, i, page);
         break;
     case COW__DIRTY:
-        if (!faulted ||
-            cow__sys_mprotect(page, cow__page, cow__page_prot(m, i)) == 0)
+        if (!faulted)
+            rc = COW__RETRY;
+        else if (cow__pte_on)
+            rc = cow__pte_outcome(cow__pte_swap(page, page, true));
+        else if (cow__sys_mprotect(page, cow__page,
+                                   cow__page_prot(m, i)) == 0)
             rc = COW__RETRY;
         break;
     default:
@@ -411,6 +493,11 @@ static void cow__on_segv(int sig, siginfo_t *si, void *uc)
                                sizeof(cow__no_copy_msg) - 1);
 
         (void)unused;
+    }
+    if (rc == COW__NO_SWAP) {
+        const char *parts[] = { cow__no_swap_msg, cow__pte_error() };
+
+        cow__write_msg(parts, 2);
     }
     if (rc == COW__PAST_EOF)
         cow__raise_bus(si->si_addr, (ucontext_t *)uc);

@@ -508,6 +508,7 @@ void *mmap(void *addr, size_t length, int prot, int flags, int fd,
      */
     if (replaces) {
         cow__commit_range((uintptr_t)addr, length);
+        cow__pte_release_range((uintptr_t)addr, length);
         cow__range_gone((uintptr_t)addr, length);
     }
     if (wanted)
@@ -547,6 +548,7 @@ int munmap(void *addr, size_t length)
 
     cow__lock();
     cow__commit_range((uintptr_t)addr, length);
+    cow__pte_release_range((uintptr_t)addr, length);
     rc = cow__sys_munmap(addr, length);
     saved_errno = errno;
     if (rc == 0)
@@ -635,6 +637,7 @@ static void *cow__move_remap(int k, size_t first, uintptr_t old,
     }
 
     cow__table_lock(&saved);
+    cow__pte_unswap(m, first, first + n_old);
     for (i = 0; i < n; i++) {
         unsigned st = cow__state(m, first + i);
 
@@ -659,10 +662,12 @@ static void *cow__move_remap(int k, size_t first, uintptr_t old,
         if (d.state != NULL)
             cow__move_abandon(&d);
         cow__sys_munmap((void *)dest, newlen);
+        cow__pte_reswap(m, first, first + n_old);
         cow__table_unlock(&saved);
         return cow__fail(ENOMEM);
     }
     cow__apply_prots(&cow__mappings[j], 0, cow__mappings[j].npages);
+    cow__pte_reswap(&cow__mappings[j], 0, cow__mappings[j].npages);
     cow__sys_munmap((void *)old, oldlen);
     cow__table_unlock(&saved);
     cow__release_gone();
@@ -808,6 +813,7 @@ static void *cow__remap_managed(uintptr_t old, size_t old_size,
         return cow__fail(EBADF);
     if (newlen < oldlen) {
         cow__commit_range(old + newlen, oldlen - newlen);
+        cow__pte_release_range(old + newlen, oldlen - newlen);
         if (cow__sys_munmap((void *)(old + newlen), oldlen - newlen) != 0)
             return MAP_FAILED;
         cow__range_gone(old + newlen, oldlen - newlen);
@@ -815,6 +821,7 @@ static void *cow__remap_managed(uintptr_t old, size_t old_size,
     }
     if (fixed && cow__range_managed(want, newlen)) {
         cow__commit_range(want, newlen);
+        cow__pte_release_range(want, newlen);
         cow__range_gone(want, newlen);
     }
     if (cow__mappings[k].engine == COW__ENGINE_UFFD) {
@@ -1127,6 +1134,8 @@ int cow_unmap(void *map)
         return -ENOENT;
     }
     rc = cow__commit_base(cow__mappings[k].base, false);
+    cow__pte_release_range(cow__mappings[k].start,
+                           cow__mappings[k].npages * cow__page);
     err = cow__unmap_live(&cow__mappings[k]);
     cow__entry_gone(k);
     cow__unlock();
@@ -1287,6 +1296,7 @@ static void cow__init(void)
     const char *engine = getenv("COW_ENGINE");
     const char *debug = getenv("COW_DEBUG");
     bool uffd = engine != NULL && strcmp(engine, "uffd") == 0;
+    bool pte = engine != NULL && strcmp(engine, "pteditor") == 0;
     const char *why = NULL;
     int rc;
 
@@ -1299,7 +1309,7 @@ static void cow__init(void)
      * an engine this library cannot provide stops the program instead.
      */
     if (engine != NULL && *engine != '\0' && strcmp(engine, "auto") != 0 &&
-        strcmp(engine, "remap") != 0 && !uffd) {
+        strcmp(engine, "remap") != 0 && !uffd && !pte) {
         cow__say("engine %s is not available", engine);
         _exit(1);
     }
@@ -1319,6 +1329,19 @@ static void cow__init(void)
     if (uffd) {
         cow__engine_name = "uffd";
         cow__switch_at = 0;
+    }
+    if (pte) {
+        /* Swapped entries cost no kernel mapping: never switch. */
+        cow__engine_name = "pteditor";
+        cow__pte_on = true;
+        cow__switch_at = SIZE_MAX;
+    }
+    /* The fault channel first: without it the program must not run. */
+    if (pte && cow__pte_start(cow__socket) != 0) {
+        cow__say("engine pteditor is not available from cowd at %s: %s",
+                 cow__socket, cow__pte_error());
+        cow__unlock();
+        _exit(1);
     }
     cow__connect();
     cow__adopt_existing();

@@ -301,11 +301,19 @@ int cow__mapping_add(uintptr_t start, size_t length, uint64_t offset,
 {
     size_t npages = cow__round_page(length) / cow__page;
     _Atomic unsigned char *state = cow__array_new(npages);
+    void **pcopy = NULL;
     sigset_t saved;
     int k;
 
     if (state == NULL)
         return -ENOMEM;
+    if (cow__pte_on) {
+        pcopy = cow__array_new(npages * sizeof(void *));
+        if (pcopy == NULL) {
+            cow__array_free((void *)state, npages);
+            return -ENOMEM;
+        }
+    }
     memset((void *)state,
            COW__CLEAN | (prot & COW__PROT_MASK) << COW__PROT_SHIFT, npages);
 
@@ -321,10 +329,13 @@ int cow__mapping_add(uintptr_t start, size_t length, uint64_t offset,
         .api = api,
         .engine = COW__ENGINE_REMAP,
         .state = state,
+        .pcopy = pcopy,
     });
     cow__table_unlock(&saved);
     if (k < 0) {
         cow__array_free((void *)state, npages);
+        if (pcopy != NULL)
+            cow__array_free(pcopy, npages * sizeof(void *));
         return k;
     }
     cow__bases[base].map_offset = offset;
@@ -527,6 +538,7 @@ static void cow__mapping_release(struct cow__mapping *m)
     if (m->snap_area != NULL)
         cow__sys_munmap(m->snap_area, m->npages * cow__page);
     cow__delta_forget(m);
+    cow__pte_forget(m);
     atomic_fetch_sub(&cow__remap_maps, m->nprivate);
     cow__array_free((void *)m->state, m->npages);
     cow__bases[m->base].nmappings--;
@@ -658,6 +670,10 @@ static int cow__carry_pages(struct cow__mapping *m, size_t first, size_t n,
             m->nprivate--;
             d->nprivate++;
         }
+        if (m->pcopy != NULL && d->pcopy != NULL) {
+            d->pcopy[i] = m->pcopy[first + i];
+            m->pcopy[first + i] = NULL;
+        }
         if (rc == 0)
             rc = cow__delta_copy(m, first + i, d, i);
         if (m->snap == NULL || m->snap[first + i] == NULL)
@@ -689,9 +705,13 @@ static int cow__entry_arrays(const struct cow__mapping *m,
         d->snap = cow__array_new(d->npages * sizeof(void *));
     if (m->snap_area != NULL)
         d->snap_area = cow__array_new(d->npages * cow__page);
+    if (m->pcopy != NULL)
+        d->pcopy = cow__array_new(d->npages * sizeof(void *));
     if (d->state != NULL && (m->snap == NULL || d->snap != NULL) &&
-        (m->snap_area == NULL || d->snap_area != NULL))
+        (m->snap_area == NULL || d->snap_area != NULL) &&
+        (m->pcopy == NULL || d->pcopy != NULL))
         return 0;
+    cow__array_free(d->pcopy, d->npages * sizeof(void *));
     cow__array_free((void *)d->state, d->npages);
     cow__array_free(d->snap, d->npages * sizeof(void *));
     cow__array_free(d->snap_area, d->npages * cow__page);
@@ -730,6 +750,8 @@ int cow__move_prepare(int k, size_t first, uintptr_t dest, size_t length,
 /* Frees what cow__move_prepare allocated, when the move did not happen. */
 void cow__move_abandon(struct cow__mapping *d)
 {
+    cow__array_free(d->pcopy, d->npages * sizeof(void *));
+    d->pcopy = NULL;
     cow__array_free((void *)d->state, d->npages);
     cow__array_free(d->snap, d->npages * sizeof(void *));
     cow__array_free(d->snap_area, d->npages * cow__page);
@@ -837,6 +859,9 @@ static void cow__range_set_prot(uintptr_t start, size_t length, int prot)
  */
 static int cow__real_prot(const struct cow__mapping *m, size_t i, int prot)
 {
+    /* Under pteditor, entries cowd writes make pages writable. */
+    if (cow__pte_on && m->engine == COW__ENGINE_REMAP)
+        return prot & ~PROT_WRITE;
     if (m->engine == COW__ENGINE_UFFD ? !m->child_pending
                                       : cow__state(m, i) == COW__DIRTY)
         return prot;
@@ -959,6 +984,12 @@ void cow__after_fork_baseline(void)
             continue;
         if (m->engine == COW__ENGINE_UFFD) {
             cow__uffd_child_defer(m);
+            continue;
+        }
+        if (m->pcopy != NULL) {
+            for (i = 0; i < m->npages; i++)
+                cow__snap_drop(m, i);
+            cow__pte_child(m);
             continue;
         }
         if (m->snap == NULL)

@@ -332,6 +332,9 @@ void cow__finish(const char *what, bool final)
     }
     cow__lock();
     cow__commit_before(what, final);
+    /* The module's notifier is the safety net, not the plan. */
+    if (final)
+        cow__pte_release_all();
     cow__unlock();
     errno = saved_errno;
 }

@@ -5,7 +5,8 @@
 #
 # As root, this installs what it needs with apt-get (QEMU, a static
 # busybox, Debian's amd64 kernel image and its headers), builds the
-# module against those headers and the test programs, packs an initramfs
+# module against those headers and the test programs (its own and those
+# of tests/programs that the pteditor engine's tests run), packs an initramfs
 # (busybox, vm/init, the virtio and 9p modules, pteditor.ko), and boots
 # it under TCG.  The guest mounts this machine's root file system
 # read-only over virtio-9p and runs vm/tests/run-guest.sh from this
@@ -111,6 +112,12 @@ cp "$repo"/native/pteditor/{Makefile,pteditor.c,pteditor.h} "$build/pteditor/"
 make -s -C "$moddir/build" M="$build/pteditor" modules
 gcc -O2 -Wall -Wextra -Werror -I"$repo/native/pteditor" \
 	-o "$build/ptetest" "$repo/vm/tests/ptetest.c"
+# The programs the engine's end-to-end tests run under cowctl.
+mkdir -p "$build/programs"
+for p in writer mapscript hammer remapper; do
+	gcc -O2 -Wall -Wextra -Werror -pthread \
+		-o "$build/programs/$p" "$repo/tests/programs/$p.c"
+done
 build_initramfs
 say "module, tests and initramfs built in $((SECONDS - build_started)) s"
 

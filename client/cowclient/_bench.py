@@ -3,16 +3,18 @@ with the kernel's own copy-on-write.
 
 The timing is done by ``cow-bench``, a C program installed beside
 libcow: it maps a file, touches every page, then times one store to
-each page.  Each round runs it three ways on the same file: mapped
+each page.  Each round runs it several ways on the same file: mapped
 MAP_PRIVATE, where the kernel copies each page on its first write (the
 reference), and mapped MAP_SHARED under libcow, once with the remap
-engine and once with the uffd engine.  Rounds alternate the order of
-the three, and the report gives the median of each and their ratios to
+engine, once with the uffd engine and, when the cowd asked runs the
+pteditor engine, once with that engine.  Rounds alternate the order of
+the runs, and the report gives the median of each and their ratios to
 the kernel's cost.
 
-The managed runs are given a socket nobody listens on: they write each
-byte back unchanged, so they have nothing to commit, and cowd keeps no
-log of the benchmark.
+The remap and uffd runs are given a socket nobody listens on; the
+pteditor runs need cowd, which swaps their pages.  All write each byte
+back unchanged, so they have nothing to commit, and cowd keeps no log
+of the benchmark.
 """
 
 from __future__ import annotations
@@ -80,9 +82,11 @@ def run(client: Client | None, args: argparse.Namespace) -> int:
         raise BenchError("--pages and --runs must be at least 1")
     with tempfile.TemporaryDirectory(prefix="cowd-bench-", dir=args.dir) as work:
         path = _make_file(work, args.pages)
+        engine = client.status().get("engine", "?") if client is not None else "?"
         setups = _setups(path, work, args.pages)
+        if engine == "pteditor" and client is not None:
+            setups.append(_pteditor_setup(path, client.socket_path))
         times = _measure(path, args.pages, args.runs, setups)
-    engine = client.status().get("engine", "?") if client is not None else "?"
     _report(args, engine, setups, times)
 
     return 0
@@ -121,6 +125,17 @@ def _setups(path: str, folder: str, pages: int) -> list[Setup]:
         Setup("remap", "libcow remap engine (MAP_SHARED)", "shared", remap),
         Setup("uffd", "libcow uffd engine (MAP_SHARED)", "shared", uffd),
     ]
+
+
+def _pteditor_setup(path: str, socket_path: str) -> Setup:
+    env = {
+        "LD_PRELOAD": libcow_path(),
+        "COW_PATHS": path,
+        "COWD_SOCKET": os.path.abspath(socket_path),
+        "COW_ENGINE": "pteditor",
+    }
+
+    return Setup("pteditor", "libcow pteditor engine (MAP_SHARED)", "shared", env)
 
 
 def _measure(

@@ -21,7 +21,7 @@ from cowclient._text import record_line
 from cowd.protocol import CowError
 
 # Engines libcow can run; others are refused before the program starts.
-ENGINES = ("auto", "remap", "uffd")
+ENGINES = ("auto", "remap", "pteditor", "uffd")
 
 _GLOB_CHARS = "*?["
 
@@ -81,7 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_log_show)
 
     p = sub.add_parser("run", help="run a program with managed mappings")
-    p.add_argument("--engine", default="auto", help="auto (default), remap or uffd")
+    p.add_argument(
+        "--engine", default="auto", help="auto (default), remap, pteditor or uffd"
+    )
     p.add_argument(
         "--path",
         action="extend",
@@ -195,6 +197,8 @@ def cmd_status(args: argparse.Namespace) -> None:
         return
     for key in ("version", "pid", "engine", "socket", "state_dir", "sessions", "logs"):
         print(f"{key}: {status[key]}")
+    if "swapped" in status:
+        print(f"swapped: {status['swapped']}")
     print(f"uptime: {status['uptime']:.0f}s")
 
 
@@ -277,8 +281,13 @@ def cmd_run(args: argparse.Namespace) -> None:
     if args.engine not in ENGINES:
         raise UsageError(f"engine {args.engine} is not available in this build")
     with _client(args) as client:
-        client.status()
+        served = client.status().get("engine")
         socket_path = os.path.abspath(client.socket_path)
+    # pteditor swaps pages through cowd's device: only that cowd can.
+    if args.engine == "pteditor" and served != "pteditor":
+        raise UsageError(
+            f"engine pteditor is not available: cowd runs the {served} engine"
+        )
     env = dict(os.environ)
     preload = env.get("LD_PRELOAD")
     env["LD_PRELOAD"] = libcow_path() + (f" {preload}" if preload else "")

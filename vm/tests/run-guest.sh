@@ -56,7 +56,11 @@ raw_swap() {
 		await_kernel_message "Bad rss-counter state"
 }
 
-tests="basic munmap zap migrate pageout exit kill concurrent unload raw"
+# The pteditor engine end to end: the real cowd and real programs.
+engine_tests="engine-refuse engine-writer engine-concurrent engine-kill"
+engine_tests="$engine_tests engine-munmap engine-fork engine-remap engine-bench"
+tests="basic munmap zap migrate pageout exit kill concurrent"
+tests="$tests $engine_tests unload raw"
 echo "VMTEST PLAN $tests"
 run basic "$ptetest" basic
 run munmap "$ptetest" munmap
@@ -66,6 +70,10 @@ run pageout "$ptetest" pageout
 run exit exit_then_count
 run kill "$ptetest" kill
 run concurrent "$python" "$repo/vm/tests/ptserver.py" "$ptetest"
+for t in $engine_tests; do
+	run "$t" "$python" "$repo/vm/tests/cowdtest.py" "$build/programs" \
+		"${t#engine-}"
+done
 run unload "$ptetest" unload "$build/pteditor/pteditor.ko"
 # Let any late kernel message of the tests above land in their part of
 # the log, not in raw's, where bad accounting is expected.

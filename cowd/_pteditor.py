@@ -1,0 +1,164 @@
+"""The page-table editor device, as cowd's pteditor engine drives it.
+
+/dev/pteditor (native/pteditor/) allows one opener; cowd holds it for as
+long as it runs and edits page tables on behalf of its clients.  A swap
+points the page-table entry of a client's file page (the target) at an
+anonymous page of the same client (its private copy of the page), with
+the write, accessed and dirty bits set, and flushes the TLB.  The module
+remembers the original entry and puts it back before the range is
+unmapped or the process ends; a restore puts it back on request.
+
+Both addresses are always resolved in the process the kernel names as
+the peer of the client's connection, so a client can only ever edit its
+own page tables.  The device's errno values become Refused with a stable
+code: ``no-page`` (nothing mapped at an address, or not a page the
+device may swap), ``busy`` (the kernel kept the range busy), ``gone``
+(the process ended), ``refused`` (the entry was not acceptable) and
+``device`` (anything else).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import struct
+import time
+from fcntl import ioctl
+
+from cowd.protocol import CowError
+
+DEVICE = "/dev/pteditor"
+
+
+def _ior(nr: int) -> int:
+    """PTEditor's _IOR(0x3d17, nr, size_t), its magic's overflow included."""
+    return (2 << 30) | (8 << 16) | (0x3D17 << 8) | nr
+
+
+VM_RESOLVE = _ior(1)
+VM_UPDATE = _ior(2)
+INVALIDATE_TLB = _ior(10)
+VM_RESTORE = _ior(0x40)
+SWAPPED = _ior(0x41)
+
+# struct ptedit_entry: pid, vaddr, pgd, p4d, pud, pmd, pte, valid.
+_ENTRY = struct.Struct("=8Q")
+_VALID_PTE = 1 << 4
+
+# x86-64 entry bits: the frame number, present, writable, accessed, dirty.
+_PFN_MASK = 0x000F_FFFF_FFFF_F000
+_PRESENT = 1 << 0
+_RW = 1 << 1
+_ACCESSED = 1 << 5
+_DIRTY = 1 << 6
+
+# The module answers EAGAIN while the kernel works on the process's
+# page tables (an unmap or a migration in flight); such work is short.
+_BUSY_TRIES = 50
+_BUSY_PAUSE = 0.001
+
+_CODES = {
+    errno.ENOENT: "no-page",
+    errno.EFAULT: "no-page",
+    errno.EAGAIN: "busy",
+    errno.ESRCH: "gone",
+    errno.EINVAL: "refused",
+    errno.EOPNOTSUPP: "refused",
+    errno.EPERM: "refused",
+}
+
+
+class Refused(CowError):
+    """The device would not edit an entry; the code says why."""
+
+    code = "pteditor"
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Unavailable(Exception):
+    """The device cannot be opened: no module loaded, or another opener."""
+
+
+class Device:
+    """The open device, held for the daemon's lifetime."""
+
+    def __init__(self, path: str = DEVICE) -> None:
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as exc:
+            why = {
+                errno.ENOENT: "no such device (is the pteditor module loaded?)",
+                errno.EBUSY: "another process holds it",
+                errno.EACCES: "permission denied (cowd must run as root)",
+            }.get(exc.errno, exc.strerror)
+            raise Unavailable(f"cannot open {path}: {why}") from None
+        self.path = path
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def swap(self, pid: int, target: int, copy: int, writable: bool = True) -> None:
+        """Point pid's entry for target at the page mapped at copy.
+
+        With writable false the entry is written without the write bit,
+        so the next write faults again (a committed page).
+        """
+        old = self._resolve(pid, target)
+        frame = self._resolve(pid, copy) & _PFN_MASK
+        new = (old & ~_PFN_MASK) | frame | _ACCESSED
+        new = new | _RW | _DIRTY if writable else new & ~_RW
+        entry = _ENTRY.pack(pid, target, 0, 0, 0, 0, new, _VALID_PTE)
+        self._call(VM_UPDATE, entry, f"swap at {target:#x}")
+        # PTEditor's flush takes the address, which ioctl's int argument
+        # cannot carry; this device flushes every address anyway.
+        self._call(INVALIDATE_TLB, 0, "flush")
+
+    def restore(self, pid: int, target: int, pages: int = 1) -> int:
+        """Put back the original entries of pages swapped from target on.
+
+        Returns how many were swapped; pages that were not are skipped.
+        """
+        page = os.sysconf("SC_PAGE_SIZE")
+        restored = 0
+        for i in range(pages):
+            entry = _ENTRY.pack(pid, target + i * page, 0, 0, 0, 0, 0, 0)
+            try:
+                self._call(VM_RESTORE, entry, f"restore at {target:#x}")
+                restored += 1
+            except Refused as exc:
+                if exc.code != "no-page":
+                    raise
+
+        return restored
+
+    def swapped(self, pid: int = 0) -> int:
+        """Entries swapped in pid (0: every process)."""
+        buf = bytearray(_ENTRY.pack(pid, 0, 0, 0, 0, 0, 0, 0))
+
+        return self._call(SWAPPED, buf, "count", mutate=True)
+
+    def _resolve(self, pid: int, vaddr: int) -> int:
+        buf = bytearray(_ENTRY.pack(pid, vaddr, 0, 0, 0, 0, 0, 0))
+        self._call(VM_RESOLVE, buf, f"resolve {vaddr:#x}", mutate=True)
+        entry = _ENTRY.unpack(buf)
+        if not entry[7] & _VALID_PTE or not entry[6] & _PRESENT:
+            raise Refused("no-page", f"no page is mapped at {vaddr:#x}")
+
+        return entry[6]
+
+    def _call(self, cmd: int, arg, what: str, mutate: bool = False) -> int:
+        for _ in range(_BUSY_TRIES):
+            try:
+                if mutate:
+                    return ioctl(self.fd, cmd, arg, True)
+                return ioctl(self.fd, cmd, arg)
+            except OSError as exc:
+                if exc.errno != errno.EAGAIN:
+                    code = _CODES.get(exc.errno, "device")
+                    raise Refused(code, f"{what}: {exc.strerror}") from None
+            time.sleep(_BUSY_PAUSE)
+
+        raise Refused("busy", f"{what}: the kernel kept the range busy")
