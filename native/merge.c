@@ -56,12 +56,14 @@
  *      too large for the buffer is copied straight from the log.
  *   3. Apply: windows are done in order.  Unless the output was cloned
  *      from the base (FICLONE), the base is copied into it in the kernel
- *      with copy_file_range(2), in long runs kept ahead of the window
- *      being applied; past the base's end there is nothing to copy, as
- *      ftruncate(2) made those bytes zeros.  A window with no pieces
- *      needs nothing more.  Otherwise the headers of the window's region
- *      mark the blocks (COW__BLOCK bytes) that pieces touch, and short
- *      gaps between marked blocks are marked too; the base's bytes of
+ *      with copy_file_range(2) by a thread that starts when the scan is
+ *      done, so that the copy runs beside the spill pass and ahead of
+ *      the windows being applied, which wait for it; past the base's end
+ *      there is nothing to copy, as ftruncate(2) made those bytes zeros.
+ *      A window with no pieces needs nothing more.  Otherwise the
+ *      headers of the window's region mark the blocks (COW__BLOCK
+ *      bytes) that pieces touch, and short gaps between marked blocks
+ *      are marked too; the base's bytes of
  *      the marked blocks are read into a buffer; the region is read
  *      front to back and each piece applied with the rules above, using
  *      an owner array of one 32-bit tag per byte of the window; and the
@@ -91,13 +93,16 @@
  * owner tags and a conflict bit per byte of a window, plus about 1.4 MiB
  * of fixed buffers (see the sizes below); in the spill pass, about 3.2
  * MiB of staging buffers and a read buffer per log (4 MiB shared by the
- * logs, at least 16 KiB each); throughout, 8 bytes per window of output
- * and a few dozen bytes per log.  With the default 1 MiB window that is
- * about 7.3 MiB at most, for up to 256 logs, whatever their size.
- * Nothing is mapped, so the resident size is that.
+ * logs, at least 16 KiB each); from the spill pass on, the copy's 256
+ * KiB buffer and its thread's 64 KiB stack; throughout, 8 bytes per
+ * window of output and a few dozen bytes per log.  With the default 1
+ * MiB window that is about 7.6 MiB at most, for up to 256 logs, whatever
+ * their size.  Nothing else is mapped, so the resident size is that.
  */
 #include <errno.h>
 #include <linux/fs.h>
+#include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -159,9 +164,16 @@
 
 /*
  * The base is copied into the output in the kernel this far at a time,
- * ahead of the windows applied over it.
+ * ahead of the windows applied over it; the apply pass learns how far
+ * the copy is after each step.
  */
-#define COW__COPY_RUN (64u << 20)
+#define COW__COPY_STEP (8u << 20)
+
+/* Buffer of the copy when copy_file_range(2) cannot be used. */
+#define COW__COPY_BUFFER (256u << 10)
+
+/* Stack of the copying thread, which calls little more than the kernel. */
+#define COW__COPY_STACK (64u << 10)
 
 /* Owner tags: the slot below, the epoch above; see the top comment. */
 #define COW__SLOT_BITS 20
@@ -233,6 +245,30 @@ struct cow__apply {
     size_t ncarry;
 };
 
+/*
+ * The copy of the base into the output, made by a thread of its own
+ * from the spill pass on, so that it overlaps the spill and the apply
+ * passes; or by the apply pass itself, as it goes, when no thread could
+ * be started.
+ */
+struct cow__copier {
+    pthread_mutex_t lock;
+    pthread_cond_t moved;
+    pthread_t thread;
+    bool threaded;
+    /*
+     * Guarded by lock while the thread runs: the output holds the base's
+     * bytes below copied (all of them when cloned); the copy's error;
+     * and a request to stop.
+     */
+    uint64_t copied;
+    int error;
+    bool stop;
+    /* Used by whoever copies. */
+    unsigned char *buf;
+    bool no_copy_range;
+};
+
 struct cow__merge {
     struct cow__log *logs;
     size_t nlogs;
@@ -255,12 +291,7 @@ struct cow__merge {
     uint64_t ncounts;
     uint64_t spill_size;
     bool conflicted;
-    bool no_copy_range;
-    /*
-     * The output holds the base's bytes below this offset (all of them
-     * when cloned): the apply pass copies ahead of the windows it writes.
-     */
-    uint64_t copied;
+    struct cow__copier copier;
     struct cow_merge_conflict *conflicts;
     size_t max_conflicts;
     struct cow_merge_stats *stats;
@@ -1164,17 +1195,18 @@ static bool cow__writing(const struct cow__merge *m)
 }
 
 /* Copies [start, end) of the base with plain reads and writes. */
-static int cow__copy_plain(struct cow__merge *m, struct cow__apply *ap,
-                           uint64_t start, uint64_t end)
+static int cow__copy_plain(struct cow__merge *m, uint64_t start, uint64_t end)
 {
+    unsigned char *buf = m->copier.buf;
+
     while (start < end) {
-        size_t step = (size_t)cow__min(end - start, m->window);
-        int64_t got = cow__pread_full(m->base_fd, ap->val, step, start);
+        size_t step = (size_t)cow__min(end - start, COW__COPY_BUFFER);
+        int64_t got = cow__pread_full(m->base_fd, buf, step, start);
         int rc;
 
         if (got <= 0)
             return (int)got;
-        rc = cow__pwrite_all(m->out_fd, ap->val, (size_t)got, start);
+        rc = cow__pwrite_all(m->out_fd, buf, (size_t)got, start);
         if (rc < 0)
             return rc;
         start += (uint64_t)got;
@@ -1185,14 +1217,16 @@ static int cow__copy_plain(struct cow__merge *m, struct cow__apply *ap,
 
 /*
  * Copies [start, end) of the base to the same place in the output, in
- * the kernel when it can.  If the base got shorter meanwhile, the rest
- * stays zero, as the output's size was set before.
+ * the kernel when it can: the kernel copies a long run faster than it
+ * fills the holes of a new file through write(2), so the whole base is
+ * copied and the touched blocks of each window written over the copy.
+ * If the base got shorter meanwhile, the rest stays zero, as the
+ * output's size was set before.
  */
-static int cow__copy(struct cow__merge *m, struct cow__apply *ap,
-                     uint64_t start, uint64_t end)
+static int cow__copy(struct cow__merge *m, uint64_t start, uint64_t end)
 {
     end = cow__min(end, m->base_size);
-    while (start < end && !m->no_copy_range) {
+    while (start < end && !m->copier.no_copy_range) {
         loff_t in = (loff_t)start, out = (loff_t)start;
         ssize_t n = copy_file_range(m->base_fd, &in, m->out_fd, &out,
                                     (size_t)(end - start), 0);
@@ -1208,37 +1242,135 @@ static int cow__copy(struct cow__merge *m, struct cow__apply *ap,
         if (errno != EXDEV && errno != EINVAL && errno != ENOSYS &&
             errno != EOPNOTSUPP)
             return -errno;
-        m->no_copy_range = true;
+        m->copier.no_copy_range = true;
     }
 
-    return cow__copy_plain(m, ap, start, end);
+    return cow__copy_plain(m, start, end);
+}
+
+/* The copying thread: the base, front to back, a step at a time. */
+static void *cow__copier_main(void *arg)
+{
+    struct cow__merge *m = arg;
+    struct cow__copier *c = &m->copier;
+    uint64_t at, stop;
+    bool halt;
+    int rc;
+
+    pthread_mutex_lock(&c->lock);
+    at = c->copied;
+    halt = c->stop;
+    pthread_mutex_unlock(&c->lock);
+    while (at < m->base_size && !halt) {
+        stop = cow__min(at + COW__COPY_STEP, m->base_size);
+        rc = cow__copy(m, at, stop);
+
+        pthread_mutex_lock(&c->lock);
+        if (rc < 0)
+            c->error = rc;
+        else
+            c->copied = at = stop;
+        halt = c->stop || rc < 0;
+        pthread_cond_broadcast(&c->moved);
+        pthread_mutex_unlock(&c->lock);
+    }
+
+    return NULL;
 }
 
 /*
- * Makes the output hold the base's bytes below end, copying ahead of it
- * in runs of COW__COPY_RUN: the kernel copies a long run faster than it
- * fills the holes of a new file through write(2), so every window of the
- * base is copied, then its touched blocks are written over the copy.
- * Windows are written in order, each after this has reached its end, so
- * a copy never lands on bytes the merge wrote.  The plain fallback uses
- * the window's buffer: call this before reading into it.
+ * Gives the output its size and starts the copy of the base into it,
+ * unless the output could be cloned from the base.  Called once the
+ * scan found every log sound, so nothing is written to the output of a
+ * merge that is refused.  The thread runs with every signal blocked:
+ * they are the caller's to handle.
  */
-static int cow__copy_ahead(struct cow__merge *m, struct cow__apply *ap,
-                           uint64_t end)
+static int cow__copy_start(struct cow__merge *m)
 {
-    uint64_t stop;
-    int rc;
+    struct cow__copier *c = &m->copier;
+    pthread_attr_t attr;
+    sigset_t all, saved;
 
-    end = cow__min(end, m->base_size);
-    while (m->copied < end) {
-        stop = cow__min(m->copied + COW__COPY_RUN, m->base_size);
-        rc = cow__copy(m, ap, m->copied, stop);
-        if (rc < 0)
-            return rc;
-        m->copied = stop;
+    if (m->base_size > 0 && ioctl(m->out_fd, FICLONE, m->base_fd) == 0) {
+        m->stats->cloned = 1;
+        c->copied = m->base_size;
+    } else if (ftruncate(m->out_fd, 0) < 0) {
+        return -errno;
+    }
+    if (ftruncate(m->out_fd, (off_t)m->out_size) < 0)
+        return -errno;
+    if (c->copied == m->base_size)
+        return 0;
+
+    c->buf = cow__alloc(&m->mem, COW__COPY_BUFFER);
+    if (c->buf == NULL)
+        return -ENOMEM;
+    if (pthread_mutex_init(&c->lock, NULL) != 0)
+        return 0;
+    if (pthread_cond_init(&c->moved, NULL) != 0) {
+        pthread_mutex_destroy(&c->lock);
+        return 0;
+    }
+    sigfillset(&all);
+    pthread_attr_init(&attr);
+    pthread_attr_setstacksize(&attr, COW__COPY_STACK);
+    pthread_sigmask(SIG_SETMASK, &all, &saved);
+    c->threaded = pthread_create(&c->thread, &attr, cow__copier_main, m) == 0;
+    pthread_sigmask(SIG_SETMASK, &saved, NULL);
+    pthread_attr_destroy(&attr);
+    if (!c->threaded) {
+        pthread_cond_destroy(&c->moved);
+        pthread_mutex_destroy(&c->lock);
     }
 
     return 0;
+}
+
+/* Stops the copying thread if it still runs, and waits for it. */
+static void cow__copy_finish(struct cow__merge *m)
+{
+    struct cow__copier *c = &m->copier;
+
+    if (c->threaded) {
+        pthread_mutex_lock(&c->lock);
+        c->stop = true;
+        pthread_mutex_unlock(&c->lock);
+        pthread_join(c->thread, NULL);
+        pthread_cond_destroy(&c->moved);
+        pthread_mutex_destroy(&c->lock);
+        c->threaded = false;
+    }
+    cow__free(&m->mem, c->buf, COW__COPY_BUFFER);
+    c->buf = NULL;
+}
+
+/*
+ * Returns once the output holds the base's bytes below end.  Windows are
+ * written in order, each after this has returned for its end, so the
+ * copy never lands on bytes the merge wrote.
+ */
+static int cow__await_copy(struct cow__merge *m, uint64_t end)
+{
+    struct cow__copier *c = &m->copier;
+    uint64_t stop;
+    int rc = 0;
+
+    end = cow__min(end, m->base_size);
+    if (!c->threaded) {
+        while (c->copied < end && rc == 0) {
+            stop = cow__min(c->copied + COW__COPY_STEP, m->base_size);
+            rc = cow__copy(m, c->copied, stop);
+            c->copied = stop;
+        }
+        return rc;
+    }
+    pthread_mutex_lock(&c->lock);
+    while (c->copied < end && c->error == 0)
+        pthread_cond_wait(&c->moved, &c->lock);
+    rc = c->error;
+    pthread_mutex_unlock(&c->lock);
+
+    return rc;
 }
 
 static bool cow__marked(const struct cow__apply *ap, uint32_t b)
@@ -1358,7 +1490,7 @@ static int cow__read_base(struct cow__merge *m, struct cow__apply *ap)
 
 /*
  * Writes the marked blocks of the window from the buffer, over the copy
- * of the base that cow__copy_ahead() put in the output.
+ * of the base already in the output.
  */
 static int cow__write_window(struct cow__merge *m, struct cow__apply *ap)
 {
@@ -1393,7 +1525,7 @@ static int cow__apply_window(struct cow__merge *m, struct cow__apply *ap,
     rc = cow__plan_window(ap, pos, end);
     cow__fill_gaps(ap);
     if (rc == 0 && cow__writing(m))
-        rc = cow__copy_ahead(m, ap, ap->wstart + ap->wlen);
+        rc = cow__await_copy(m, ap->wstart + ap->wlen);
     if (rc == 0)
         rc = cow__read_base(m, ap);
     if (rc == 0)
@@ -1425,9 +1557,11 @@ static void cow__region(const struct cow__merge *m, uint64_t w,
     *end = m->counts[w];
 }
 
-/* Deals with windows [w, *next) that have no pieces, in one copy. */
-static int cow__skip_empty(struct cow__merge *m, struct cow__apply *ap,
-                           uint64_t w, uint64_t *next)
+/*
+ * Deals with windows [w, *next) that have no pieces, which need only the
+ * copy of the base to pass them.
+ */
+static int cow__skip_empty(struct cow__merge *m, uint64_t w, uint64_t *next)
 {
     uint64_t start = w * m->window, end = start, pos, stop;
 
@@ -1437,32 +1571,14 @@ static int cow__skip_empty(struct cow__merge *m, struct cow__apply *ap,
         if (w == m->nwin)
             break;
         cow__region(m, w, &pos, &stop);
-    } while (pos == stop && end - start < COW__COPY_RUN);
+    } while (pos == stop && end - start < COW__COPY_STEP);
     *next = w;
     end = cow__min(end, m->out_size);
 
     if (!cow__writing(m))
         return 0;
 
-    return cow__copy_ahead(m, ap, end);
-}
-
-/*
- * Gives the output its size, cloned from the base when it can be; if it
- * is not, the apply pass copies the base in as it goes.
- */
-static int cow__prepare_output(struct cow__merge *m)
-{
-    if (m->base_size > 0 && ioctl(m->out_fd, FICLONE, m->base_fd) == 0) {
-        m->stats->cloned = 1;
-        m->copied = m->base_size;
-    } else if (ftruncate(m->out_fd, 0) < 0) {
-        return -errno;
-    }
-    if (ftruncate(m->out_fd, (off_t)m->out_size) < 0)
-        return -errno;
-
-    return 0;
+    return cow__await_copy(m, end);
 }
 
 static int cow__apply_init(struct cow__merge *m, struct cow__apply *ap)
@@ -1500,7 +1616,7 @@ static int cow__apply_all(struct cow__merge *m, struct cow__apply *ap)
     while (w < m->nwin) {
         cow__region(m, w, &pos, &end);
         if (pos == end) {
-            rc = cow__skip_empty(m, ap, w, &next);
+            rc = cow__skip_empty(m, w, &next);
         } else {
             rc = cow__apply_window(m, ap, w, pos, end);
             next = w + 1;
@@ -1523,8 +1639,6 @@ static int cow__apply(struct cow__merge *m)
     int rc;
 
     rc = cow__phase(m, COW_MERGE_APPLY, m->out_size);
-    if (rc == 0)
-        rc = cow__prepare_output(m);
     if (rc < 0)
         return rc;
     rc = cow__apply_init(m, &ap);
@@ -1621,9 +1735,12 @@ static int cow__run(struct cow__merge *m, struct cow_merge_log *logs)
     if (rc == 0)
         rc = cow__scan(m);
     if (rc == 0)
+        rc = cow__copy_start(m);
+    if (rc == 0)
         rc = cow__spill(m);
     if (rc == 0)
         rc = cow__apply(m);
+    cow__copy_finish(m);
     if (rc == 0 && m->policy == COW_MERGE_FAIL && m->conflicted)
         rc = -EDEADLK;
 

@@ -550,14 +550,46 @@ def test_report_function_raising_is_raised_by_merge(tmp_path):
 # -- copies ---------------------------------------------------------------
 
 
+def _dense_and_sparse_windows(window: int, nwindows: int) -> list[ModelLog]:
+    """Pieces that make some windows dense (most blocks written, the first
+    two and last three not) and others sparse or empty, past the base's
+    end too."""
+    rng = random.Random(11)
+    block = 4096
+    dense = {0, 2, 3, 7, 9, 10}
+    sparse = {1, 8}
+    records = []
+    for w in range(nwindows):
+        start = w * window
+        if w in dense:
+            for b in range(2, window // block - 3):
+                records.append((start + b * block + 100, rng.randbytes(block - 200)))
+        elif w in sparse:
+            records.append((start + window // 2, b"sparse\n"))
+    records.append((nwindows * window + 10, b"\0end"))
+    return [ModelLog("s1", [(1, records[::2])]), ModelLog("s2", [(2, records[1::2])])]
+
+
+def test_dense_windows_copy_only_their_untouched_blocks(tmp_path):
+    window = 64 << 10
+    base = random.Random(5).randbytes(10 * window)
+    logs = _dense_and_sparse_windows(window, 11)
+    files = Files(tmp_path, base, logs)
+
+    result, output = files.merge(window=window)
+
+    assert output == model_merge(base, logs, "last").output
+    assert result.windows_touched == 9
+
+
 def test_untouched_windows_copy_across_file_systems(tmp_path):
     # copy_file_range refuses a base on another file system (tmpfs here),
     # which sends the engine to its read-and-write fallback.
     shm = Path("/dev/shm")
     if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
         pytest.skip("needs /dev/shm on a file system of its own")
-    base = random.Random(3).randbytes(300_000)
-    logs = [ModelLog("s1", [(1, [(150_000, b"middle")])])]
+    base = random.Random(3).randbytes(10 * (64 << 10))
+    logs = _dense_and_sparse_windows(64 << 10, 11)
     files = Files(tmp_path, b"", logs)
     with tempfile.NamedTemporaryFile(dir=shm) as other:
         other.write(base)
@@ -565,7 +597,7 @@ def test_untouched_windows_copy_across_file_systems(tmp_path):
         files.base_path.unlink()
         files.base_path.symlink_to(other.name)
 
-        _, output = files.merge(window=4096)
+        _, output = files.merge(window=64 << 10)
 
     assert output == model_merge(base, logs, "last").output
 

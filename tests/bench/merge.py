@@ -4,12 +4,12 @@ Builds a base file and NLOGS logs of RECORDS records each (as cowd
 writes them, each session in its own slice of the file so that the
 merge has no conflicts), starts a fresh cowd on them, and times
 ``merge-all -o`` and ``cp`` of the base alternately, several rounds, in
-one run.  It prints the medians, their ratio, and cowd's peak resident
-memory (VmHWM), for two log sizes, so that the memory figure can be
-seen not to grow with the logs.
+one run, each writing a new file.  It prints the medians, their ratio,
+and cowd's peak resident memory (VmHWM), for two log sizes, so that the
+memory figure can be seen not to grow with the logs.
 
     python tests/bench/merge.py [--size-mib 1024] [--logs 64]
-        [--records 10000] [--scale 4] [--rounds 3] [--dir DIR]
+        [--records 10000] [--scale 4] [--rounds 5] [--dir DIR]
 """
 
 from __future__ import annotations
@@ -94,7 +94,14 @@ def peak_memory_kib(pid: int) -> int:
     raise RuntimeError("no VmHWM")
 
 
-def timed(argv: list[str]) -> float:
+def timed(argv: list[str], output: Path) -> float:
+    """Seconds argv takes to write output, which it creates anew."""
+    # Each command writes a new file, none replaces an old one: freeing a
+    # gigabyte of page cache inside one command's time and not another's
+    # would weigh on the comparison.  What earlier commands left dirty is
+    # written back first, so that no command pays for another's pages.
+    output.unlink(missing_ok=True)
+    os.sync()
     start = time.perf_counter()
     subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - start
@@ -108,16 +115,16 @@ def measure(work: Path, base: Path, nlogs: int, records: int, rounds: int) -> di
     cowd = start_cowd(run_dir)
     try:
         cowctl = [COWCTL, "--socket", cowd.socket]
-        merge = [*cowctl, "merge-all", "-s", str(base), "-o", str(work / "merged")]
-        copied = str(work / "copied")
-        copy = ["cp", str(base), copied]
+        merged, copied = work / "merged", work / "copied"
+        merge = [*cowctl, "merge-all", "-s", str(base), "-o", str(merged)]
+        copy = ["cp", str(base), str(copied)]
         # merge-all syncs its output before renaming it; cp does not.
         synced_copy = ["sh", "-c", f"cp '{base}' '{copied}' && sync '{copied}'"]
         merges, copies, synced = [], [], []
         for _ in range(rounds):
-            copies.append(timed(copy))
-            synced.append(timed(synced_copy))
-            merges.append(timed(merge))
+            copies.append(timed(copy, copied))
+            synced.append(timed(synced_copy, copied))
+            merges.append(timed(merge, merged))
         peak = peak_memory_kib(cowd.proc.pid)
     finally:
         cowd.stop()
@@ -137,7 +144,7 @@ def main() -> None:
     parser.add_argument("--logs", type=int, default=64)
     parser.add_argument("--records", type=int, default=10_000)
     parser.add_argument("--scale", type=int, default=4, help="second run: x records")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--dir", help="work folder (default: a temporary one)")
     args = parser.parse_args()
 
