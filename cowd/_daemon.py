@@ -102,6 +102,8 @@ class Daemon:
         session = conn.session
         if conn.faults:
             log.info("fault channel closed", pid=conn.pid)
+            if self.device is not None:
+                self.device.forget(conn.pid)
         if session is None:
             return
         for _, writer in session.logs:
@@ -274,12 +276,33 @@ class Daemon:
             **self._device_status(),
         }
 
-    def _device_status(self) -> dict[str, Any]:
-        """How many page-table entries the device holds swapped, if any."""
+    def device_facts(self) -> dict[str, Any]:
+        """What the start-up log says of the page-table editor device."""
         if self.device is None:
             return {}
+        if self.device.tracks:
+            return {"device": self.device.path, "restores": "device"}
+        # PTEditor: the entries of a client killed while it holds swapped
+        # pages are torn down by the kernel as they are, which corrupts
+        # its page accounting.  Nothing on this side can prevent that.
+        return {
+            "device": self.device.path,
+            "restores": "cowd",
+            "warning": "the device does not restore entries of killed clients",
+        }
 
-        return {"swapped": self.device.swapped()}
+    def _device_status(self) -> dict[str, Any]:
+        """How many page-table entries are swapped, and who restores them.
+
+        "restores" is "device" when the module tracks swaps and restores
+        any left when a range or a process goes; "cowd" with PTEditor,
+        where nothing does if a client dies holding swapped entries.
+        """
+        if self.device is None:
+            return {}
+        restores = "device" if self.device.tracks else "cowd"
+
+        return {"swapped": self.device.swapped(), "restores": restores}
 
     async def list_sessions(
         self, conn: Connection, params: dict, fds: list[int]

@@ -149,6 +149,7 @@ async def _run(daemon: Daemon, listener: socket.socket) -> None:
             state_dir=daemon.state.root,
             engine=daemon.engine,
             sync=daemon.sync,
+            **daemon.device_facts(),
         )
         _systemd.notify("READY=1\nSTATUS=serving")
     log.info("cowd stopped")

@@ -1,12 +1,21 @@
 """The page-table editor device, as cowd's pteditor engine drives it.
 
-/dev/pteditor (native/pteditor/) allows one opener; cowd holds it for as
-long as it runs and edits page tables on behalf of its clients.  A swap
-points the page-table entry of a client's file page (the target) at an
-anonymous page of the same client (its private copy of the page), with
-the write, accessed and dirty bits set, and flushes the TLB.  The module
-remembers the original entry and puts it back before the range is
-unmapped or the process ends; a restore puts it back on request.
+/dev/pteditor allows one opener; cowd holds it for as long as it runs
+and edits page tables on behalf of its clients.  A swap points the
+page-table entry of a client's file page (the target) at an anonymous
+page of the same client (its private copy of the page), with the write,
+accessed and dirty bits set, and flushes the TLB.  A restore puts the
+original entry back, which must happen before the range is unmapped or
+the process ends, or the kernel's page accounting is corrupted.
+
+Two devices answer at that path.  cowd's own module (native/pteditor/)
+remembers each original entry, restores it on request (VM_RESTORE) and
+puts back any that is still swapped when the kernel unmaps the range or
+tears the process down, SIGKILL included.  PTEditor itself knows only
+VM_RESOLVE and VM_UPDATE: there cowd keeps the original entries, writes
+them back with VM_UPDATE, and nothing covers a client killed while it
+holds swapped entries.  Which one is open is learned at start, from
+whether the device answers SWAPPED.
 
 Both addresses are always resolved in the process the kernel names as
 the peer of the client's connection, so a client can only ever edit its
@@ -73,9 +82,10 @@ class Refused(CowError):
 
     code = "pteditor"
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, errno: int = 0) -> None:
         super().__init__(message)
         self.code = code
+        self.errno = errno
 
 
 class Unavailable(Exception):
@@ -96,6 +106,25 @@ class Device:
             }.get(exc.errno, exc.strerror)
             raise Unavailable(f"cannot open {path}: {why}") from None
         self.path = path
+        self.tracks = self._answers_swapped()
+        # Without a tracking module, per (pid, target page): the entry
+        # the kernel had there and the frame of the copy swapped in.
+        self._originals: dict[tuple[int, int], tuple[int, int]] = {}
+
+    def _answers_swapped(self) -> bool:
+        """Whether the device is one that tracks and restores swaps.
+
+        PTEditor answers a command it lacks with -1, seen here as EPERM;
+        other devices may say ENOTTY or EINVAL.
+        """
+        try:
+            self._count(0)
+        except Refused as exc:
+            if exc.errno in (errno.EPERM, errno.ENOTTY, errno.EINVAL):
+                return False
+            raise
+
+        return True
 
     def close(self) -> None:
         os.close(self.fd)
@@ -110,11 +139,12 @@ class Device:
         frame = self._resolve(pid, copy) & _PFN_MASK
         new = (old & ~_PFN_MASK) | frame | _ACCESSED
         new = new | _RW | _DIRTY if writable else new & ~_RW
-        entry = _ENTRY.pack(pid, target, 0, 0, 0, 0, new, _VALID_PTE)
-        self._call(VM_UPDATE, entry, f"swap at {target:#x}")
-        # PTEditor's flush takes the address, which ioctl's int argument
-        # cannot carry; this device flushes every address anyway.
-        self._call(INVALIDATE_TLB, 0, "flush")
+        self._update(pid, target, new, f"swap at {target:#x}")
+        if not self.tracks:
+            # A page swapped again (a new copy, or write-protected at a
+            # commit) keeps the original of its first swap.
+            first = self._originals.get((pid, target), (old, 0))[0]
+            self._originals[(pid, target)] = (first, frame)
 
     def restore(self, pid: int, target: int, pages: int = 1) -> int:
         """Put back the original entries of pages swapped from target on.
@@ -124,21 +154,77 @@ class Device:
         page = os.sysconf("SC_PAGE_SIZE")
         restored = 0
         for i in range(pages):
-            entry = _ENTRY.pack(pid, target + i * page, 0, 0, 0, 0, 0, 0)
-            try:
-                self._call(VM_RESTORE, entry, f"restore at {target:#x}")
-                restored += 1
-            except Refused as exc:
-                if exc.code != "no-page":
-                    raise
+            vaddr = target + i * page
+            if self.tracks:
+                done = self._restore_tracked(pid, vaddr)
+            else:
+                done = self._restore_kept(pid, vaddr)
+            restored += done
 
         return restored
 
+    def _restore_tracked(self, pid: int, vaddr: int) -> bool:
+        entry = _ENTRY.pack(pid, vaddr, 0, 0, 0, 0, 0, 0)
+        try:
+            self._call(VM_RESTORE, entry, f"restore at {vaddr:#x}")
+        except Refused as exc:
+            if exc.code != "no-page":
+                raise
+            return False
+
+        return True
+
+    def _restore_kept(self, pid: int, vaddr: int) -> bool:
+        """Write back the original entry cowd kept, if the copy is there.
+
+        An entry that no longer maps the copy was changed by someone
+        else since the swap; writing the old original over it would do
+        the very damage restoring prevents, so it is left alone.
+        """
+        kept = self._originals.pop((pid, vaddr), None)
+        if kept is None:
+            return False
+        original, frame = kept
+        try:
+            current = self._resolve(pid, vaddr)
+        except Refused as exc:
+            if exc.code != "no-page":
+                raise
+            return False
+        if current & _PFN_MASK != frame:
+            return False
+        self._update(pid, vaddr, original, f"restore at {vaddr:#x}")
+
+        return True
+
+    def forget(self, pid: int) -> None:
+        """Drop what cowd kept for pid, a process that has ended."""
+        for key in [key for key in self._originals if key[0] == pid]:
+            del self._originals[key]
+
     def swapped(self, pid: int = 0) -> int:
         """Entries swapped in pid (0: every process)."""
+        if not self.tracks:
+            return sum(1 for key in self._originals if pid in (0, key[0]))
+
+        return self._count(pid)
+
+    def _count(self, pid: int) -> int:
         buf = bytearray(_ENTRY.pack(pid, 0, 0, 0, 0, 0, 0, 0))
 
         return self._call(SWAPPED, buf, "count", mutate=True)
+
+    def _update(self, pid: int, vaddr: int, pte: int, what: str) -> None:
+        """Write pid's page-table entry for vaddr, and flush the TLB."""
+        entry = bytearray(_ENTRY.pack(pid, vaddr, 0, 0, 0, 0, pte, _VALID_PTE))
+        # PTEditor says 1, not an errno, when the process has no memory;
+        # ioctl returns that number only for a buffer it may write to.
+        if self._call(VM_UPDATE, entry, what, mutate=True) != 0:
+            raise Refused("gone", f"{what}: the process has ended")
+        # PTEditor flushes inside VM_UPDATE, and its INVALIDATE_TLB takes
+        # an address, which ioctl's int argument cannot carry; cowd's
+        # module flushes every address on this call anyway.
+        self._call(INVALIDATE_TLB, 0, "flush")
 
     def _resolve(self, pid: int, vaddr: int) -> int:
         buf = bytearray(_ENTRY.pack(pid, vaddr, 0, 0, 0, 0, 0, 0))
@@ -158,7 +244,8 @@ class Device:
             except OSError as exc:
                 if exc.errno != errno.EAGAIN:
                     code = _CODES.get(exc.errno, "device")
-                    raise Refused(code, f"{what}: {exc.strerror}") from None
+                    why = f"{what}: {exc.strerror}"
+                    raise Refused(code, why, exc.errno) from None
             time.sleep(_BUSY_PAUSE)
 
         raise Refused("busy", f"{what}: the kernel kept the range busy")

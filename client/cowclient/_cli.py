@@ -198,7 +198,7 @@ def cmd_status(args: argparse.Namespace) -> None:
     for key in ("version", "pid", "engine", "socket", "state_dir", "sessions", "logs"):
         print(f"{key}: {status[key]}")
     if "swapped" in status:
-        print(f"swapped: {status['swapped']}")
+        print(f"swapped: {status['swapped']} (restored by {status['restores']})")
     print(f"uptime: {status['uptime']:.0f}s")
 
 

@@ -35,7 +35,11 @@
  * Protection changes keep the page an entry maps and leave it swapped.
  * The module parameter restore=0 turns tracking off for new swaps, which
  * reproduces PTEditor's behaviour; it exists so tests can show the
- * failure is real, and must never be used otherwise.
+ * failure is real, and must never be used otherwise.  The parameter
+ * ptedit_abi=1 makes the device answer as PTEditor does, for testing
+ * that cowd drives PTEditor right: VM_UPDATE writes the entry it is
+ * given, nothing is tracked, and VM_RESTORE and SWAPPED are unknown.
+ * Switch it only while no swap is tracked.
  *
  * Only x86-64 is supported: the entry checks use x86 page bits.
  */
@@ -77,6 +81,12 @@ module_param(restore, bool, 0644);
 MODULE_PARM_DESC(restore,
 		 "Track swapped entries and restore them before unmap and exit "
 		 "(default 1; 0 only to demonstrate the corruption in tests)");
+
+static bool ptedit_abi;
+module_param(ptedit_abi, bool, 0644);
+MODULE_PARM_DESC(ptedit_abi,
+		 "Serve PTEditor's interface only, as PTEditor does: no tracking, "
+		 "no VM_RESTORE or SWAPPED (default 0; for tests of cowd)");
 
 /*
  * How often a swap waits for an invalidation of the process's address
@@ -1018,6 +1028,54 @@ static long pte_ioctl_update(void __user *argp)
 	return ret;
 }
 
+/*
+ * VM_UPDATE with ptedit_abi=1, as PTEditor serves it: the page-table
+ * entry is written as given and nothing is remembered, so putting the
+ * original back before the range goes is the caller's job alone.  As in
+ * the tracking mode, only entries of shared file mappings are written,
+ * and the upper levels never.
+ */
+static long pte_ioctl_update_raw(void __user *argp)
+{
+	struct ptedit_entry req, cur;
+	struct vm_area_struct *vma;
+	struct mm_struct *mm;
+	spinlock_t *ptl;
+	pte_t *ptep;
+	long ret = 0;
+
+	if (copy_from_user(&req, argp, sizeof(req)))
+		return -EFAULT;
+	mm = pte_get_mm(req.pid);
+	if (IS_ERR(mm))
+		return PTR_ERR(mm);
+	if (mmap_read_lock_killable(mm)) {
+		mmput(mm);
+		return -EINTR;
+	}
+
+	vma = vma_lookup(mm, req.vaddr);
+	if (!vma || !pte_vma_swappable(vma)) {
+		ret = -EINVAL;
+		goto out;
+	}
+	ptep = pte_lookup_lock(mm, req.vaddr, &ptl, &cur);
+	if (!ptep) {
+		ret = -ENOENT;
+		goto out;
+	}
+	if (!pte_upper_unchanged(&req, &cur))
+		ret = -EOPNOTSUPP;
+	else if (req.valid & PTEDIT_VALID_MASK_PTE)
+		pte_replace(mm, req.vaddr & PAGE_MASK, ptep, __pte(req.pte));
+	pte_unmap_unlock(ptep, ptl);
+out:
+	mmap_read_unlock(mm);
+	mmput(mm);
+
+	return ret;
+}
+
 static long pte_ioctl_resolve(void __user *argp)
 {
 	struct ptedit_entry e;
@@ -1126,16 +1184,19 @@ static long pte_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
 	case PTEDITOR_IOCTL_CMD_VM_RESOLVE:
 		return pte_ioctl_resolve(argp);
 	case PTEDITOR_IOCTL_CMD_VM_UPDATE:
+		if (READ_ONCE(ptedit_abi))
+			return pte_ioctl_update_raw(argp);
 		return pte_ioctl_update(argp);
 	case PTEDITOR_IOCTL_CMD_GET_PAGESIZE:
 		return PAGE_SIZE;
 	case PTEDITOR_IOCTL_CMD_INVALIDATE_TLB:
 		pte_flush_all_cpus();
 		return 0;
+	/* PTEditor answers -1, EPERM, to the commands it lacks. */
 	case PTEDITOR_IOCTL_CMD_VM_RESTORE:
-		return pte_ioctl_restore(argp);
+		return READ_ONCE(ptedit_abi) ? -EPERM : pte_ioctl_restore(argp);
 	case PTEDITOR_IOCTL_CMD_SWAPPED:
-		return pte_ioctl_swapped(argp);
+		return READ_ONCE(ptedit_abi) ? -EPERM : pte_ioctl_swapped(argp);
 	default:
 		return -ENOTTY;
 	}

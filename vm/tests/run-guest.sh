@@ -49,6 +49,17 @@ exit_then_count() {
 	"$ptetest" exit && "$ptetest" count 0
 }
 
+# Runs a test with the module answering as PTEditor does, so that cowd
+# alone restores entries: a swap it failed to put back would show as bad
+# accounting at munmap or exit.
+as_ptedit() {
+	echo 1 >/sys/module/pteditor/parameters/ptedit_abi || return 1
+	"$@"
+	rc=$?
+	echo 0 >/sys/module/pteditor/parameters/ptedit_abi
+	return $rc
+}
+
 raw_swap() {
 	echo 0 >/sys/module/pteditor/parameters/restore &&
 		"$ptetest" raw &&
@@ -59,8 +70,12 @@ raw_swap() {
 # The pteditor engine end to end: the real cowd and real programs.
 engine_tests="engine-refuse engine-writer engine-concurrent engine-kill"
 engine_tests="$engine_tests engine-munmap engine-fork engine-remap engine-bench"
+# The same through PTEditor's interface, except the SIGKILL test: with
+# PTEditor nothing restores the entries of a killed client.
+ptedit_tests="ptedit-writer ptedit-concurrent ptedit-munmap ptedit-fork"
+ptedit_tests="$ptedit_tests ptedit-remap"
 tests="basic munmap zap migrate pageout exit kill concurrent"
-tests="$tests $engine_tests unload raw"
+tests="$tests $engine_tests $ptedit_tests unload raw"
 echo "VMTEST PLAN $tests"
 run basic "$ptetest" basic
 run munmap "$ptetest" munmap
@@ -73,6 +88,10 @@ run concurrent "$python" "$repo/vm/tests/ptserver.py" "$ptetest"
 for t in $engine_tests; do
 	run "$t" "$python" "$repo/vm/tests/cowdtest.py" "$build/programs" \
 		"${t#engine-}"
+done
+for t in $ptedit_tests; do
+	run "$t" as_ptedit "$python" "$repo/vm/tests/cowdtest.py" \
+		"$build/programs" "${t#ptedit-}"
 done
 run unload "$ptetest" unload "$build/pteditor/pteditor.ko"
 # Let any late kernel message of the tests above land in their part of
