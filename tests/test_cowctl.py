@@ -92,6 +92,12 @@ def test_unreachable_daemon_is_one_line(tmp_path):
         ["merge-all", "-s", "/nonexistent"],
         ["run", "--engine", "warp", "--path", "x", "--", "true"],
         ["run", "--path", "x"],
+        ["demo", "--files", "0"],
+        ["demo", "--processes", "0"],
+        ["demo", "--offset", "-5"],
+        ["demo", "--offset", "22"],
+        ["demo", "--data", ""],
+        ["demo", "--text", ""],
     ],
 )
 def test_bad_input_is_one_line(cowd, args):

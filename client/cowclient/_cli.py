@@ -433,5 +433,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        return _demo.run(client, args)
+    try:
+        _demo.check_arguments(args)
+        with _client(args) as client:
+            return _demo.run(client, args)
+    except _demo.DemoError as exc:
+        raise UsageError(str(exc)) from None

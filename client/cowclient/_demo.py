@@ -36,12 +36,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+class DemoError(Exception):
+    """The demo's options ask for something it cannot show, or it broke."""
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse options the demo cannot honour, before anything starts."""
+    if args.files < 1:
+        raise DemoError(f"--files must be at least 1, not {args.files}")
+    if args.processes < 1:
+        raise DemoError(f"--processes must be at least 1, not {args.processes}")
+    if args.offset < 0:
+        raise DemoError(f"--offset must not be negative, not {args.offset}")
+    # Bytes as the writer gets them: argv that is not UTF-8 stays intact.
+    text, data = os.fsencode(args.text), os.fsencode(args.data)
+    if not data:
+        raise DemoError("--data must not be empty: the writers would write nothing")
+    if args.offset + len(data) > len(text):
+        raise DemoError(
+            f"--offset {args.offset} with {len(data)} bytes of --data"
+            f" does not fit in the {len(text)} bytes of --text"
+        )
+
+
 def run(client: Client, args: argparse.Namespace) -> int:
-    text, data = args.text.encode(), args.data.encode()
-    if args.files < 1 or args.processes < 1:
-        raise ValueError("--files and --processes must be at least 1")
-    if not args.offset >= 0 or args.offset + len(data) > len(text):
-        raise ValueError("--offset and --data must fall inside --text")
+    check_arguments(args)
+    text, data = os.fsencode(args.text), os.fsencode(args.data)
     work = args.dir or tempfile.mkdtemp(prefix="cowd-demo-")
     files = _init(work, args.files, text)
     _test(client.socket_path, files, args.processes, args.offset, data)
@@ -77,9 +97,7 @@ def _test(socket: str, files: list[str], processes: int, offset: int, data: byte
     ]
     for child in children:
         if child.wait() != 0:
-            raise RuntimeError(
-                f"writer process {child.pid} failed ({child.returncode})"
-            )
+            raise DemoError(f"writer process {child.pid} failed ({child.returncode})")
     print(f"[test] {processes} processes wrote {data!r} at offset {offset}")
 
 
