@@ -10,6 +10,7 @@ client's own rights; cowd opens paths only inside its state directory.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import stat
 import time
@@ -498,6 +499,13 @@ class Daemon:
     async def prune(self, conn: Connection, params: dict, fds: list[int]) -> Any:
         """Remove logs of ended sessions that a merge output fully holds."""
         older = params.get("older_than")
+        # A negative age would take every merged log, whatever its age.
+        if older is not None and (
+            isinstance(older, bool)
+            or not isinstance(older, int | float)
+            or not 0 <= older < math.inf
+        ):
+            raise InvalidArgument("older_than must be a number of seconds >= 0")
         dry_run = bool(params.get("dry_run", False))
         candidates = [
             info

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from conftest import COWCTL, commit_through_rpc, run
+from conftest import COWCTL, Session, commit_through_rpc, run
+from cowd.protocol import CowError
 
 COMMANDS = [
     [],
@@ -98,23 +99,24 @@ def test_unreachable_daemon_is_one_line(tmp_path):
         ["demo", "--offset", "22"],
         ["demo", "--data", ""],
         ["demo", "--text", ""],
+        ["prune", "--older-than", "-3"],
+        ["prune", "--older-than", "nan"],
     ],
 )
 def test_bad_input_is_one_line(cowd, args):
     one_line_error(cowd.cowctl(*args))
 
 
-def test_merge_refuses_a_log_of_another_file(cowd, tmp_path):
-    base, other = tmp_path / "base", tmp_path / "other"
+@pytest.mark.parametrize("older_than", [-3 * 86400, float("nan"), "3"])
+def test_daemon_refuses_a_prune_age_that_is_no_age(cowd, tmp_path, older_than):
+    base = tmp_path / "base"
     base.write_bytes(b"0123456789")
-    other.write_bytes(b"0123456789")
-    _, log_path = commit_through_rpc(cowd, base, [[0, b"X"]])
+    session = Session(cowd, base)
+    session.commit((2, b"ab"))
+    session.end()
+    cowd.client().merge_all(str(base), output=str(tmp_path / "out"))
 
-    err = one_line_error(cowd.cowctl("merge", "-s", str(other), "-l", log_path))
-    assert "--force" in err
+    with pytest.raises(CowError, match="older_than"):
+        cowd.client().call("prune", {"older_than": older_than})
 
-    out = tmp_path / "forced"
-    cowd.cowctl(
-        "merge", "-s", str(other), "-l", log_path, "-o", str(out), "--force", check=True
-    )
-    assert out.read_bytes() == b"X123456789"
+    assert [entry["path"] for entry in cowd.client().logs()] == [session.log_path]

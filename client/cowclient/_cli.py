@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 import time
@@ -415,6 +416,9 @@ def _verify_line(report: dict) -> str:
 
 
 def cmd_prune(args: argparse.Namespace) -> None:
+    days = args.older_than
+    if days is not None and not 0 <= days < math.inf:
+        raise UsageError(f"--older-than takes a number of days >= 0, not {days}")
     older = args.older_than * 86400 if args.older_than is not None else None
     with _client(args) as client:
         result = client.prune(older_than=older, dry_run=args.dry_run)
