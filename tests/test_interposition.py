@@ -108,6 +108,26 @@ def test_madvise_dontneed_keeps_the_private_writes(cowd, programs, tmp_path, eng
 
 
 @pytest.mark.parametrize("engine", ENGINES)
+def test_a_mapping_made_with_mmap64_is_managed(cowd, programs, tmp_path, engine):
+    base = tmp_path / "data.bin"
+    content = make_base(base)
+    steps = writes_as_steps(WRITES) + [f"v{hexarg(o, d)}" for o, d in WRITES]
+
+    result = cowd.run(
+        [str(base)],
+        str(programs / "mapscript"),
+        "--mmap64",
+        str(base),
+        *steps,
+        env=engine_env(engine),
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert base.read_bytes() == content
+    assert merged(cowd, base, tmp_path) == apply(content, WRITES)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 def test_mremap_grows_shrinks_and_moves_a_managed_mapping(
     cowd, programs, tmp_path, engine
 ):

@@ -2,10 +2,12 @@
  * mapscript: runs a script of operations on a shared mapping of a file,
  * for the tests of commit points, retries, partial unmaps and fork.
  *
- * Usage: mapscript FILE STEP...
+ * Usage: mapscript [--mmap64] FILE STEP...
  *
  * Opens FILE read-write and maps all of it MAP_SHARED with PROT_READ |
- * PROT_WRITE, then runs the steps in order:
+ * PROT_WRITE (with --mmap64 through mmap64, the name the large-file
+ * interface gives it, which is a symbol of its own), then runs the steps
+ * in order:
  *
  *   wOFFSET:HEX     memcpy the bytes HEX (two hex digits each) to OFFSET;
  *                   the bytes may reach into the last page past the end
@@ -39,6 +41,7 @@
  * fails, 1 on a usage or system error, 3 when a forked child failed.
  */
 #define _GNU_SOURCE
+#define _LARGEFILE64_SOURCE
 #include <fcntl.h>
 #include <spawn.h>
 #include <stdio.h>
@@ -281,11 +284,16 @@ static int step(const char *s, int *forked)
 int main(int argc, char **argv)
 {
     struct stat st;
+    int use_mmap64 = argc > 1 && strcmp(argv[1], "--mmap64") == 0;
     int fd;
     int i;
 
+    if (use_mmap64) {
+        argv++;
+        argc--;
+    }
     if (argc < 2) {
-        fprintf(stderr, "usage: mapscript FILE STEP...\n");
+        fprintf(stderr, "usage: mapscript [--mmap64] FILE STEP...\n");
         return 1;
     }
     fd = open(argv[1], O_RDWR);
@@ -296,7 +304,10 @@ int main(int argc, char **argv)
     size = (size_t)st.st_size;
     mapped = (size + (size_t)sysconf(_SC_PAGESIZE) - 1) &
              ~((size_t)sysconf(_SC_PAGESIZE) - 1);
-    map = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (use_mmap64)
+        map = mmap64(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    else
+        map = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     if (map == MAP_FAILED) {
         perror("mapscript: mmap");
         return 1;
