@@ -128,6 +128,22 @@ def test_a_mapping_made_with_mmap64_is_managed(cowd, programs, tmp_path, engine)
 
 
 @pytest.mark.parametrize("engine", ENGINES)
+def test_a_first_write_fault_leaves_errno_as_it_was(cowd, programs, tmp_path, engine):
+    base = tmp_path / "data.bin"
+    content = make_base(base)
+    # Each store is the first to its page; the second also crosses into
+    # the third page, so one step takes two faults.
+    writes = [(7, b"one"), (2 * PAGE - 2, b"two+three")]
+    steps = [f"n{hexarg(offset, data)}" for offset, data in writes]
+
+    result = mapscript(cowd, programs, base, *steps, engine=engine)
+
+    assert result.returncode == 0, result.stderr
+    assert base.read_bytes() == content
+    assert merged(cowd, base, tmp_path) == apply(content, writes)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 def test_mremap_grows_shrinks_and_moves_a_managed_mapping(
     cowd, programs, tmp_path, engine
 ):

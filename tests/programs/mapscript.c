@@ -14,6 +14,9 @@
  *                   of the file
  *   vOFFSET:HEX     check that the mapping holds HEX at OFFSET (exit 2 if
  *                   not)
+ *   nOFFSET:HEX     set errno to EXDEV, store the bytes HEX at OFFSET one
+ *                   by one, and check that errno is still EXDEV (exit 2
+ *                   if not): a fault taken by a store must not change it
  *   s               msync the whole mapping (a commit point)
  *   uOFFSET:LENGTH  munmap LENGTH bytes at OFFSET (page-aligned)
  *   rOFFSET:PATH    read(2) all of PATH into the mapping at OFFSET
@@ -42,6 +45,7 @@
  */
 #define _GNU_SOURCE
 #define _LARGEFILE64_SOURCE
+#include <errno.h>
 #include <fcntl.h>
 #include <spawn.h>
 #include <stdio.h>
@@ -195,6 +199,30 @@ static int spawn_true(void)
     return 0;
 }
 
+/*
+ * Stores data at offset under a distinctive errno.  The stores are
+ * volatile so that each one happens, and faults, between setting errno
+ * and reading it back.
+ */
+static int errno_kept(size_t offset, const unsigned char *data, size_t len)
+{
+    volatile unsigned char *to = map + offset;
+    int seen;
+    size_t i;
+
+    errno = EXDEV;
+    for (i = 0; i < len; i++)
+        to[i] = data[i];
+    seen = errno;
+    if (seen != EXDEV) {
+        fprintf(stderr, "mapscript: errno was %d after the stores, not %d\n",
+                seen, EXDEV);
+        return 2;
+    }
+
+    return 0;
+}
+
 static int step(const char *s, int *forked)
 {
     unsigned char *data;
@@ -206,12 +234,18 @@ static int step(const char *s, int *forked)
     switch (s[0]) {
     case 'w':
     case 'v':
+    case 'n':
         rest = parse_offset(s + 1, &offset);
         if (rest == NULL || (len = hexdata_decode(rest, &data)) < 0 ||
             offset + (size_t)len > mapped)
             break;
         if (s[0] == 'w') {
             memcpy(map + offset, data, (size_t)len);
+        } else if (s[0] == 'n') {
+            int rc = errno_kept(offset, data, (size_t)len);
+
+            free(data);
+            return rc;
         } else if (memcmp(map + offset, data, (size_t)len) != 0) {
             fprintf(stderr, "mapscript: %s does not hold\n", s);
             return 2;
