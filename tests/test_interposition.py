@@ -228,6 +228,32 @@ def test_posix_spawn_and_system_leave_the_session_alone(cowd, programs, tmp_path
     assert merged(cowd, base, tmp_path) == apply(content, writes)
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_program_with_its_own_allocator_starts_and_commits(
+    cowd, programs, tmp_path, engine
+):
+    base = tmp_path / "data.bin"
+    content = make_base(base)
+    args = [hexarg(offset, data) for offset, data in WRITES]
+
+    # A start-up that recursed would crash, one that deadlocked would hang.
+    result = cowd.run(
+        [str(base)],
+        str(programs / "ownalloc"),
+        str(base),
+        *args,
+        env=engine_env(engine),
+        timeout=20,
+    )
+
+    assert result.returncode == 0, result.stderr
+    # libcow's start-up allocated, through the program's allocator.
+    before_main = int(result.stdout.decode().rsplit(":", 1)[1])
+    assert before_main > 0
+    assert base.read_bytes() == content
+    assert merged(cowd, base, tmp_path) == apply(content, WRITES)
+
+
 def test_a_mapping_made_by_an_earlier_constructor_is_managed(cowd, early, tmp_path):
     base = tmp_path / "data.bin"
     content = make_base(base)
