@@ -225,3 +225,41 @@ def test_a_sparse_5_gib_file_is_written_near_its_end(cowd, programs, tmp_path, e
     shown = json.loads(cowd.cowctl("log", "show", log["path"], "--json").stdout)
     records = [tuple(r) for b in shown["batches"] for r in b["records"]]
     assert records == [(off, data.hex()) for off, data in writes]
+
+
+def test_merge_all_of_a_sparse_5_gib_file_puts_bytes_past_4_gib(
+    cowd, programs, tmp_path, request
+):
+    size = 5 << 30
+    base = tmp_path / "huge.bin"
+    sparse_file(base, size)
+    # Offsets whose low 32 bits alone would land near the file's start,
+    # one write across the 4 GiB line itself, and one at the very end.
+    writes = [
+        ((4 << 30) - 3, b"across 4 GiB"),
+        ((4 << 30) + 64, b"past 4 GiB"),
+        ((4 << 30) + 3 * PAGE + 1, b"a page on"),
+        (size - 13, b"the last 13.\n"),
+    ]
+    result = cowd.run(
+        [str(base)],
+        str(programs / "mapscript"),
+        str(base),
+        *(f"w{hexarg(off, data)}" for off, data in writes),
+        env=engine_env("remap"),
+    )
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "merged.bin"
+
+    cowd.cowctl("merge-all", "-s", str(base), "-o", str(out), check=True)
+
+    # The output is five real gigabytes where the base cannot be cloned.
+    request.addfinalizer(lambda: out.unlink(missing_ok=True))
+    assert out.stat().st_size == size
+    with open(out, "rb") as f:
+        # Where a merge that cut offsets to 32 bits would have written.
+        assert f.read(4 * PAGE) == bytes(4 * PAGE)
+        for off, data in writes:
+            after = min(8, size - off - len(data))
+            f.seek(off - 8)
+            assert f.read(8 + len(data) + after) == bytes(8) + data + bytes(after)
