@@ -70,6 +70,10 @@
  *      marked blocks are written over the copy.  Copying every block
  *      and writing some twice costs less than filling a new file's
  *      holes with write(2), and a dense window goes out in one write.
+ *      Behind the windows applied, the output is final, and it is
+ *      handed to writeback as it grows (sync_file_range(2)), so that the
+ *      disk writes it while the merge goes on and the caller's fsync(2)
+ *      has little left to wait for.
  *
  * An owner tag is a slot, the caller's sessions numbered densely from 1,
  * in its low COW__SLOT_BITS bits, and an epoch above them.  Each pass
@@ -100,6 +104,7 @@
  * their size.  Nothing else is mapped, so the resident size is that.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <linux/fs.h>
 #include <pthread.h>
 #include <signal.h>
@@ -168,6 +173,13 @@
  * the copy is after each step.
  */
 #define COW__COPY_STEP (8u << 20)
+
+/*
+ * The output below the windows applied so far is final; it is handed to
+ * the kernel's writeback this much at a time, so that the disk writes it
+ * while the merge goes on and the caller's fsync(2) finds little left.
+ */
+#define COW__WRITEBACK_STEP (16u << 20)
 
 /* Buffer of the copy when copy_file_range(2) cannot be used. */
 #define COW__COPY_BUFFER (256u << 10)
@@ -292,6 +304,8 @@ struct cow__merge {
     uint64_t spill_size;
     bool conflicted;
     struct cow__copier copier;
+    /* Output below this was handed to writeback; ~0 once that failed. */
+    uint64_t written_back;
     struct cow_merge_conflict *conflicts;
     size_t max_conflicts;
     struct cow_merge_stats *stats;
@@ -1608,6 +1622,26 @@ static void cow__apply_free(struct cow__merge *m, struct cow__apply *ap)
     cow__reader_free(&ap->reader, &m->mem);
 }
 
+/*
+ * Starts writeback of the output below end, which no later step writes,
+ * in steps of COW__WRITEBACK_STEP.  Only a hint: a file system that
+ * refuses it gets the whole output synced by the caller's fsync(2), as
+ * it would anyway, and an I/O error shows there too.
+ */
+static void cow__write_back(struct cow__merge *m, uint64_t end)
+{
+    uint64_t from = m->written_back;
+
+    if (from == UINT64_MAX || end < from + COW__WRITEBACK_STEP ||
+        !cow__writing(m))
+        return;
+    if (sync_file_range(m->out_fd, (off64_t)from, (off64_t)(end - from),
+                        SYNC_FILE_RANGE_WRITE) == 0)
+        m->written_back = end;
+    else
+        m->written_back = UINT64_MAX;
+}
+
 static int cow__apply_all(struct cow__merge *m, struct cow__apply *ap)
 {
     uint64_t w = 0, next, pos, end;
@@ -1624,6 +1658,7 @@ static int cow__apply_all(struct cow__merge *m, struct cow__apply *ap)
         if (rc < 0)
             return rc;
         w = next;
+        cow__write_back(m, cow__min(w * m->window, m->out_size));
         rc = cow__tick(m, cow__min(w * m->window, m->out_size));
         if (rc < 0)
             return rc;
