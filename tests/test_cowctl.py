@@ -101,6 +101,10 @@ def test_unreachable_daemon_is_one_line(tmp_path):
         ["demo", "--text", ""],
         ["prune", "--older-than", "-3"],
         ["prune", "--older-than", "nan"],
+        ["demo", "--files", "abc"],
+        ["merge-all"],
+        ["no-such-command"],
+        ["--no-such-option", "status"],
     ],
 )
 def test_bad_input_is_one_line(cowd, args):

@@ -13,7 +13,7 @@ import math
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 from cowclient import _bench, _demo
 from cowclient._native import libcow_path
@@ -46,15 +46,23 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(status or 0)
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, status: int = 1) -> NoReturn:
     print(f"cowctl: {message}", file=sys.stderr)
-    sys.exit(1)
+    sys.exit(status)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors in the one line every other error gets.
+
+    Subcommand parsers are made of the same class, so they say it too.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        _fail(f"{message} (see '{self.prog} --help')", status=2)
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="cowctl", description="Talk to cowd: sessions, logs, merges."
-    )
+    parser = _Parser(prog="cowctl", description="Talk to cowd: sessions, logs, merges.")
     parser.add_argument(
         "--socket", help="cowd's socket (default: $COWD_SOCKET or /run/cowd/cowd.sock)"
     )
