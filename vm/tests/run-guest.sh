@@ -67,37 +67,32 @@ raw_swap() {
 		await_kernel_message "Bad rss-counter state"
 }
 
-# The pteditor engine end to end: the real cowd and real programs.
-engine_tests="engine-refuse engine-writer engine-concurrent engine-kill"
-engine_tests="$engine_tests engine-munmap engine-fork engine-remap engine-bench"
-# The same through PTEditor's interface, except the SIGKILL test: with
-# PTEditor nothing restores the entries of a killed client.
-ptedit_tests="ptedit-writer ptedit-concurrent ptedit-munmap ptedit-fork"
-ptedit_tests="$ptedit_tests ptedit-remap"
-tests="basic munmap zap migrate pageout exit kill concurrent"
-tests="$tests $engine_tests $ptedit_tests unload raw"
-echo "VMTEST PLAN $tests"
-run basic "$ptetest" basic
-run munmap "$ptetest" munmap
-run zap "$ptetest" zap
-run migrate "$ptetest" migrate
-run pageout "$ptetest" pageout
-run exit exit_then_count
-run kill "$ptetest" kill
-run concurrent "$python" "$repo/vm/tests/ptserver.py" "$ptetest"
-for t in $engine_tests; do
-	run "$t" "$python" "$repo/vm/tests/cowdtest.py" "$build/programs" \
-		"${t#engine-}"
+# One test of the plan, by name.
+run_test() {
+	case $1 in
+	exit) exit_then_count ;;
+	concurrent) "$python" "$repo/vm/tests/ptserver.py" "$ptetest" ;;
+	engine-*)
+		"$python" "$repo/vm/tests/cowdtest.py" "$build/programs" "${1#engine-}"
+		;;
+	ptedit-*)
+		as_ptedit "$python" "$repo/vm/tests/cowdtest.py" \
+			"$build/programs" "${1#ptedit-}"
+		;;
+	unload) "$ptetest" unload "$build/pteditor/pteditor.ko" ;;
+	raw) raw_swap ;;
+	*) "$ptetest" "$1" ;;
+	esac
+}
+
+tests=$(grep -v '^#' "$repo/vm/tests/plan")
+echo "VMTEST PLAN" $tests
+for t in $tests; do
+	# Late kernel messages of the tests before raw belong in their part
+	# of the log, not in raw's, where bad accounting is expected.
+	[ "$t" = raw ] && sleep 1
+	run "$t" run_test "$t"
 done
-for t in $ptedit_tests; do
-	run "$t" as_ptedit "$python" "$repo/vm/tests/cowdtest.py" \
-		"$build/programs" "${t#ptedit-}"
-done
-run unload "$ptetest" unload "$build/pteditor/pteditor.ko"
-# Let any late kernel message of the tests above land in their part of
-# the log, not in raw's, where bad accounting is expected.
-sleep 1
-run raw raw_swap
 echo "cowd-vmtest: end" >/dev/kmsg
 echo "VMTEST GUEST RESULT: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]
