@@ -11,6 +11,7 @@ import re
 import sys
 
 from conftest import run
+from cowclient._bench import bench_program
 
 RATIO = re.compile(rb"^ratio (remap|uffd)/kernel: \d+\.\d$", re.MULTILINE)
 
@@ -41,3 +42,18 @@ def test_cowctl_bench_prints_a_ratio_line(cowd):
 
     assert result.returncode == 0, result.stderr
     assert RATIO.search(result.stdout)
+
+
+def test_a_shared_mapping_libcow_does_not_manage_is_not_timed(tmp_path):
+    # The bench's managed runs are timed only if their writes stay out of
+    # the file: without libcow, a MAP_SHARED run is refused.
+    data = tmp_path / "data"
+    data.write_bytes(bytes(range(256)) * 64)
+
+    shared = run([bench_program(), str(data), "4", "shared"])
+    private = run([bench_program(), str(data), "4", "private"])
+
+    assert shared.returncode == 1
+    assert b"not a private view" in shared.stderr
+    assert private.returncode == 0, private.stderr
+    assert data.read_bytes() == bytes(range(256)) * 64
