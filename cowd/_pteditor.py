@@ -179,23 +179,26 @@ class Device:
 
         An entry that no longer maps the copy was changed by someone
         else since the swap; writing the old original over it would do
-        the very damage restoring prevents, so it is left alone.
+        the very damage restoring prevents, so it is left alone.  What
+        cowd kept goes once the original is back or nothing is left to
+        restore, and stays if the device refused, for another try.
         """
-        kept = self._originals.pop((pid, vaddr), None)
-        if kept is None:
+        key = (pid, vaddr)
+        if key not in self._originals:
             return False
-        original, frame = kept
+        original, frame = self._originals[key]
         try:
             current = self._resolve(pid, vaddr)
         except Refused as exc:
             if exc.code != "no-page":
                 raise
-            return False
-        if current & _PFN_MASK != frame:
-            return False
-        self._update(pid, vaddr, original, f"restore at {vaddr:#x}")
+            current = None
+        ours = current is not None and current & _PFN_MASK == frame
+        if ours:
+            self._update(pid, vaddr, original, f"restore at {vaddr:#x}")
+        del self._originals[key]
 
-        return True
+        return ours
 
     def forget(self, pid: int) -> None:
         """Drop what cowd kept for pid, a process that has ended."""
