@@ -10,9 +10,8 @@ normal exit, SIGKILL, explicit restore.  When all are gone, the device
 must track no swapped entry and the base file must be unchanged; the
 harness checks the kernel log.
 
-The device calls here are the recipe cowd's engine can reuse: resolve
-both addresses, build the new entry from the faulting entry's bits and
-the copy's frame, update, flush.
+The device calls are cowd's own (cowd._pteditor), so what this server
+shows of concurrent clients holds for the daemon too.
 
 Usage: ptserver.py PTETEST [--clients N] [--pages N]
 """
@@ -26,33 +25,10 @@ import struct
 import subprocess
 import sys
 import tempfile
-from fcntl import ioctl
 
 import trio
 
-DEVICE = "/dev/pteditor"
-
-
-def _ior(nr):
-    """PTEditor's _IOR(0x3d17, nr, size_t), magic overflow included."""
-    return (2 << 30) | (8 << 16) | (0x3D17 << 8) | nr
-
-
-VM_RESOLVE = _ior(1)
-VM_UPDATE = _ior(2)
-INVALIDATE_TLB = _ior(10)
-VM_RESTORE = _ior(0x40)
-SWAPPED = _ior(0x41)
-
-# struct ptedit_entry: pid, vaddr, pgd, p4d, pud, pmd, pte, valid.
-ENTRY = struct.Struct("8Q")
-VALID_PTE = 1 << 4
-# x86-64 entry bits: the frame number, present, writable, accessed, dirty.
-PFN_MASK = 0x000FFFFFFFFFF000
-PTE_PRESENT = 1 << 0
-PTE_RW = 1 << 1
-PTE_ACCESSED = 1 << 5
-PTE_DIRTY = 1 << 6
+from cowd._pteditor import DEVICE, Device, Refused
 
 # The clients' wire format (see ptetest.c): op, target, copy as u64;
 # the reply is one i64, a count or 0, or a negative errno.
@@ -62,41 +38,6 @@ OP_SWAP, OP_RESTORE, OP_COUNT = 1, 2, 3
 
 # How the clients end, in turn.
 MODES = ("unmap", "exit", "kill", "restore")
-
-
-class Device:
-    """The open page-table editor and the calls cowd's engine needs."""
-
-    def __init__(self, path=DEVICE):
-        self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-
-    def resolve(self, pid, vaddr):
-        buf = bytearray(ENTRY.pack(pid, vaddr, 0, 0, 0, 0, 0, 0))
-        ioctl(self.fd, VM_RESOLVE, buf, True)
-        entry = ENTRY.unpack(buf)
-        if not entry[7] & VALID_PTE or not entry[6] & PTE_PRESENT:
-            raise OSError(errno.ENOENT, f"no page at {vaddr:#x}")
-
-        return entry[6]
-
-    def swap(self, pid, target, copy):
-        """Point pid's entry for target at the page mapped at copy."""
-        old = self.resolve(pid, target)
-        frame = self.resolve(pid, copy) & PFN_MASK
-        new = (old & ~PFN_MASK) | frame | PTE_RW | PTE_ACCESSED | PTE_DIRTY
-        entry = ENTRY.pack(pid, target, 0, 0, 0, 0, new, VALID_PTE)
-        ioctl(self.fd, VM_UPDATE, entry)
-        # PTEditor passes the address; this device flushes every address.
-        ioctl(self.fd, INVALIDATE_TLB, 0)
-
-    def restore(self, pid, target):
-        ioctl(self.fd, VM_RESTORE, ENTRY.pack(pid, target, 0, 0, 0, 0, 0, 0))
-
-    def swapped(self, pid=0):
-        # A mutable buffer makes ioctl return the call's result, the count.
-        buf = bytearray(ENTRY.pack(pid, 0, 0, 0, 0, 0, 0, 0))
-
-        return ioctl(self.fd, SWAPPED, buf, True)
 
 
 def peer_pid(sock):
@@ -116,7 +57,7 @@ def serve_one(device, pid, op, target, copy):
             return device.swapped(pid)
         else:
             return -errno.EINVAL
-    except OSError as exc:
+    except Refused as exc:
         return -(exc.errno or errno.EIO)
 
     return 0
