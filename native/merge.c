@@ -58,8 +58,9 @@
  *      from the base (FICLONE), the base is copied into it in the kernel
  *      with copy_file_range(2) by a thread that starts when the scan is
  *      done, so that the copy runs beside the spill pass and ahead of
- *      the windows being applied, which wait for it; past the base's end
- *      there is nothing to copy, as ftruncate(2) made those bytes zeros.
+ *      the windows being applied, which wait for it; the base's holes
+ *      are skipped, and past its end there is nothing to copy, as
+ *      ftruncate(2) made those bytes zeros.
  *      A window with no pieces needs nothing more.  Otherwise the
  *      headers of the window's region mark the blocks (COW__BLOCK
  *      bytes) that pieces touch, and short gaps between marked blocks
@@ -1230,16 +1231,14 @@ static int cow__copy_plain(struct cow__merge *m, uint64_t start, uint64_t end)
 }
 
 /*
- * Copies [start, end) of the base to the same place in the output, in
- * the kernel when it can: the kernel copies a long run faster than it
- * fills the holes of a new file through write(2), so the whole base is
- * copied and the touched blocks of each window written over the copy.
- * If the base got shorter meanwhile, the rest stays zero, as the
- * output's size was set before.
+ * Copies [start, end) of the base, all of it data, to the same place in
+ * the output, in the kernel when it can: the kernel copies a long run
+ * faster than it fills the holes of a new file through write(2), so the
+ * whole base is copied and the touched blocks of each window written
+ * over the copy.
  */
-static int cow__copy(struct cow__merge *m, uint64_t start, uint64_t end)
+static int cow__copy_data(struct cow__merge *m, uint64_t start, uint64_t end)
 {
-    end = cow__min(end, m->base_size);
     while (start < end && !m->copier.no_copy_range) {
         loff_t in = (loff_t)start, out = (loff_t)start;
         ssize_t n = copy_file_range(m->base_fd, &in, m->out_fd, &out,
@@ -1260,6 +1259,41 @@ static int cow__copy(struct cow__merge *m, uint64_t start, uint64_t end)
     }
 
     return cow__copy_plain(m, start, end);
+}
+
+/*
+ * Copies [start, end) of the base to the same place in the output,
+ * extent by extent.  The base's holes are skipped, so they stay holes in
+ * the output, which starts as one hole of its full size: a sparse base
+ * merges into a sparse output.  A file system that cannot tell holes
+ * says all of the file is data.  If the base got shorter meanwhile, the
+ * rest stays zero, as the output's size was set before.  Only the copy
+ * moves base_fd's file offset; everything else reads at given offsets.
+ */
+static int cow__copy(struct cow__merge *m, uint64_t start, uint64_t end)
+{
+    end = cow__min(end, m->base_size);
+    while (start < end) {
+        off_t data = lseek(m->base_fd, (off_t)start, SEEK_DATA);
+        off_t hole;
+        int rc;
+
+        if (data < 0 && errno == ENXIO)
+            return 0;
+        if (data < 0)
+            data = (off_t)start;
+        if ((uint64_t)data >= end)
+            return 0;
+        hole = lseek(m->base_fd, data, SEEK_HOLE);
+        if (hole < 0 || (uint64_t)hole > end)
+            hole = (off_t)end;
+        rc = cow__copy_data(m, (uint64_t)data, (uint64_t)hole);
+        if (rc < 0)
+            return rc;
+        start = (uint64_t)hole;
+    }
+
+    return 0;
 }
 
 /* The copying thread: the base, front to back, a step at a time. */

@@ -582,6 +582,39 @@ def test_dense_windows_copy_only_their_untouched_blocks(tmp_path):
     assert result.windows_touched == 9
 
 
+def test_a_sparse_base_merges_into_a_sparse_output(tmp_path):
+    window, mib = 64 << 10, 1 << 20
+    # Data at the start and in the middle, holes between and to the end.
+    extents = [(0, 100_000), (3 * mib + 4096, 200_000)]
+    size = 8 * mib
+    rng = random.Random(7)
+    base = bytearray(size)
+    for start, length in extents:
+        base[start : start + length] = rng.randbytes(length)
+    records = [
+        (50_000, b"in the first extent"),
+        (99_990, b"across its end into the hole"),
+        (2 * mib, b"in a hole\n\0"),
+        (3 * mib + 4090, b"from a hole into data"),
+        (size - 5, b"end.\n"),
+        (size + 100, b"past the base"),
+    ]
+    logs = [ModelLog("s1", [(1, records[::2])]), ModelLog("s2", [(2, records[1::2])])]
+    files = Files(tmp_path, b"", logs)
+    with open(files.base_path, "r+b") as f:
+        f.truncate(size)
+        for start, length in extents:
+            f.seek(start)
+            f.write(base[start : start + length])
+
+    _, output = files.merge(window=window)
+
+    assert output == model_merge(bytes(base), logs, "last").output
+    allocated = (tmp_path / "out").stat().st_blocks * 512
+    # The extents, the blocks the records touch and their windows' gaps.
+    assert allocated <= 300_000 + 6 * (256 << 10)
+
+
 def test_untouched_windows_copy_across_file_systems(tmp_path):
     # copy_file_range refuses a base on another file system (tmpfs here),
     # which sends the engine to its read-and-write fallback.
