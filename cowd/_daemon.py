@@ -281,16 +281,14 @@ class Daemon:
         """What the start-up log says of the page-table editor device."""
         if self.device is None:
             return {}
-        if self.device.tracks:
-            return {"device": self.device.path, "restores": "device"}
-        # PTEditor: the entries of a client killed while it holds swapped
-        # pages are torn down by the kernel as they are, which corrupts
-        # its page accounting.  Nothing on this side can prevent that.
-        return {
-            "device": self.device.path,
-            "restores": "cowd",
-            "warning": "the device does not restore entries of killed clients",
-        }
+        facts = {"device": self.device.path, "restores": self.device.restores}
+        if not self.device.tracks:
+            # PTEditor: the entries of a client killed while it holds
+            # swapped pages are torn down by the kernel as they are, which
+            # corrupts its page accounting; nothing here can prevent that.
+            facts["warning"] = "the device does not restore entries of killed clients"
+
+        return facts
 
     def _device_status(self) -> dict[str, Any]:
         """How many page-table entries are swapped, and who restores them.
@@ -301,9 +299,8 @@ class Daemon:
         """
         if self.device is None:
             return {}
-        restores = "device" if self.device.tracks else "cowd"
 
-        return {"swapped": self.device.swapped(), "restores": restores}
+        return {"swapped": self.device.swapped(), "restores": self.device.restores}
 
     async def list_sessions(
         self, conn: Connection, params: dict, fds: list[int]

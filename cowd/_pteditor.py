@@ -107,6 +107,8 @@ class Device:
             raise Unavailable(f"cannot open {path}: {why}") from None
         self.path = path
         self.tracks = self._answers_swapped()
+        # Who puts original entries back, as status and the log say it.
+        self.restores = "device" if self.tracks else "cowd"
         # Without a tracking module, per (pid, target page): the entry
         # the kernel had there and the frame of the copy swapped in.
         self._originals: dict[tuple[int, int], tuple[int, int]] = {}
