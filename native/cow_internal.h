@@ -150,6 +150,8 @@ void cow__mp_put_bin(struct cow__buf *b, const void *p, size_t n);
 void cow__mp_put_bin_header(struct cow__buf *b, size_t n);
 void cow__mp_put_array(struct cow__buf *b, uint32_t n);
 void cow__mp_put_map(struct cow__buf *b, uint32_t n);
+void cow__mp_put_request(struct cow__buf *b, uint32_t msgid,
+                         const char *method, uint32_t nkeys);
 
 struct cow__mpr {
     const unsigned char *p;

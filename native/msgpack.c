@@ -217,6 +217,21 @@ void cow__mp_put_map(struct cow__buf *b, uint32_t n)
         cow__mp_put_head(b, 0xdf, n, 4);
 }
 
+/*
+ * Starts a msgpack-RPC request, [0, msgid, method, [params]], whose
+ * params are one map of nkeys keys, for the caller to fill.
+ */
+void cow__mp_put_request(struct cow__buf *b, uint32_t msgid,
+                         const char *method, uint32_t nkeys)
+{
+    cow__mp_put_array(b, 4);
+    cow__mp_put_uint(b, 0);
+    cow__mp_put_uint(b, msgid);
+    cow__mp_put_cstr(b, method);
+    cow__mp_put_array(b, 1);
+    cow__mp_put_map(b, nkeys);
+}
+
 /* Reads a big-endian number of `width` bytes at p. */
 static uint64_t cow__mp_be(const unsigned char *p, int width)
 {

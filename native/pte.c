@@ -219,19 +219,6 @@ static int cow__chan_call(const struct cow__buf *b)
     return rc;
 }
 
-/* Starts a request whose params are one map of nkeys keys. */
-static void cow__chan_request(struct cow__buf *b, const char *method,
-                              uint32_t nkeys)
-{
-    cow__chan.msgid++;
-    cow__mp_put_array(b, 4);
-    cow__mp_put_uint(b, 0);
-    cow__mp_put_uint(b, cow__chan.msgid);
-    cow__mp_put_cstr(b, method);
-    cow__mp_put_array(b, 1);
-    cow__mp_put_map(b, nkeys);
-}
-
 /* connect(2) on a blocking socket, finishing it if a signal came. */
 static int cow__chan_connect(int fd)
 {
@@ -277,7 +264,7 @@ static int cow__chan_open(void)
     cow__chan.ino = st.st_ino;
     cow__chan.pid = getpid();
 
-    cow__chan_request(&b, "hello", 3);
+    cow__mp_put_request(&b, ++cow__chan.msgid, "hello", 3);
     cow__mp_put_cstr(&b, "pid");
     cow__mp_put_uint(&b, (uint64_t)cow__chan.pid);
     cow__mp_put_cstr(&b, "engine");
@@ -348,7 +335,7 @@ int cow__pte_swap(const void *target, const void *copy, bool writable)
 
     if (rc != 0)
         return rc;
-    cow__chan_request(&b, "pte_swap", 3);
+    cow__mp_put_request(&b, ++cow__chan.msgid, "pte_swap", 3);
     cow__mp_put_cstr(&b, "target");
     cow__mp_put_uint(&b, (uintptr_t)target);
     cow__mp_put_cstr(&b, "copy");
@@ -371,7 +358,7 @@ int cow__pte_restore(uintptr_t start, size_t pages)
 
     if (rc != 0)
         return rc;
-    cow__chan_request(&b, "pte_restore", 2);
+    cow__mp_put_request(&b, ++cow__chan.msgid, "pte_restore", 2);
     cow__mp_put_cstr(&b, "target");
     cow__mp_put_uint(&b, start);
     cow__mp_put_cstr(&b, "pages");

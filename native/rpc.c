@@ -280,19 +280,6 @@ static int cow__call(const struct cow__buf *frame, int fd,
     return rc;
 }
 
-/* Starts a request frame whose params are one map of nkeys keys. */
-static void cow__request(struct cow__buf *b, const char *method,
-                         uint32_t nkeys)
-{
-    cow__conn.msgid++;
-    cow__mp_put_array(b, 4);
-    cow__mp_put_uint(b, 0);
-    cow__mp_put_uint(b, cow__conn.msgid);
-    cow__mp_put_cstr(b, method);
-    cow__mp_put_array(b, 1);
-    cow__mp_put_map(b, nkeys);
-}
-
 /*
  * Walks the result map, calling visit for each key; visit consumes the
  * value or returns 1 to have it skipped.  Returns 0 or -EPROTO.
@@ -357,7 +344,7 @@ static int cow__hello(void)
     struct cow__mpr r;
     int rc;
 
-    cow__request(&b, "hello", 3);
+    cow__mp_put_request(&b, ++cow__conn.msgid, "hello", 3);
     cow__mp_put_cstr(&b, "pid");
     cow__mp_put_uint(&b, (uint64_t)getpid());
     cow__mp_put_cstr(&b, "engine");
@@ -487,7 +474,7 @@ int cow__rpc_map(int fd, uint64_t offset, uint64_t length, int64_t *log)
         rc = cow__rpc_fail(-ENOTCONN, "not connected to cowd");
         goto out;
     }
-    cow__request(&b, "map", 3);
+    cow__mp_put_request(&b, ++cow__conn.msgid, "map", 3);
     cow__mp_put_cstr(&b, "fds");
     cow__mp_put_uint(&b, 1);
     cow__mp_put_cstr(&b, "offset");
@@ -558,7 +545,7 @@ static int cow__commit_frame(int64_t log, const struct cow__batch *batch,
     struct cow__mpr r;
     int rc;
 
-    cow__request(&b, "commit", 3);
+    cow__mp_put_request(&b, ++cow__conn.msgid, "commit", 3);
     cow__mp_put_cstr(&b, "log");
     cow__mp_put_int(&b, log);
     cow__mp_put_cstr(&b, "records");
