@@ -367,14 +367,19 @@ int cow__pte_restore(uintptr_t start, size_t pages)
     return cow__chan_call(&b);
 }
 
-/* Says once that restores fail; the module is then what restores. */
+/*
+ * Says once that restores fail.  cowd's own module then restores the
+ * entries when the range goes; PTEditor's does not, and the kernel's
+ * page accounting of the range is damaged.
+ */
 static void cow__pte_say_unrestored(void)
 {
     static bool said;
     const char *parts[] = {
         "libcow: cannot restore page-table entries through cowd (",
         cow__pte_error(),
-        "); the pteditor module restores them when the range goes",
+        "); cowd's pteditor module restores them when the range goes,"
+        " PTEditor's does not",
     };
 
     if (said)
