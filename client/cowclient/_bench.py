@@ -109,12 +109,17 @@ def _make_file(folder: str, pages: int) -> str:
     return path
 
 
-def _setups(path: str, folder: str, pages: int) -> list[Setup]:
-    managed = {
+def _managed(path: str, socket_path: str) -> dict[str, str]:
+    """The environment under which libcow manages mappings of path."""
+    return {
         "LD_PRELOAD": libcow_path(),
         "COW_PATHS": path,
-        "COWD_SOCKET": os.path.join(folder, "no-cowd.sock"),
+        "COWD_SOCKET": os.path.abspath(socket_path),
     }
+
+
+def _setups(path: str, folder: str, pages: int) -> list[Setup]:
+    managed = _managed(path, os.path.join(folder, "no-cowd.sock"))
     # The remap run must not switch engines half way: the switch point
     # is raised above what it makes.
     remap = {**managed, "COW_SWITCH_PAGES": str(2 * pages + 16)}
@@ -128,12 +133,7 @@ def _setups(path: str, folder: str, pages: int) -> list[Setup]:
 
 
 def _pteditor_setup(path: str, socket_path: str) -> Setup:
-    env = {
-        "LD_PRELOAD": libcow_path(),
-        "COW_PATHS": path,
-        "COWD_SOCKET": os.path.abspath(socket_path),
-        "COW_ENGINE": "pteditor",
-    }
+    env = {**_managed(path, socket_path), "COW_ENGINE": "pteditor"}
 
     return Setup("pteditor", "libcow pteditor engine (MAP_SHARED)", "shared", env)
 
