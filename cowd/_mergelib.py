@@ -57,6 +57,7 @@ struct cow_merge_stats {
     uint64_t windows;
     uint64_t windows_touched;
     uint64_t spill_bytes;
+    uint64_t groups;
     int cloned;
     uint64_t conflict_bytes;
     uint64_t nconflicts;
@@ -214,6 +215,7 @@ class MergeResult:
     windows: int
     windows_touched: int
     spill_bytes: int
+    groups: int
     conflict_bytes: int
     # Every conflict range found; ``conflicts`` holds the first ones of
     # them, sorted, each {"start", "end", "sessions": [a, b]}.  Ranges
@@ -499,6 +501,7 @@ def _result(
         windows=stats.windows,
         windows_touched=stats.windows_touched,
         spill_bytes=stats.spill_bytes,
+        groups=stats.groups,
         conflict_bytes=stats.conflict_bytes,
         conflict_ranges=stats.nconflicts,
         conflicts=listed,

@@ -47,34 +47,47 @@
  *      only memory that grows with the output; nothing grows with the
  *      logs.
  *   2. Spill: prefix sums turn the counters into the start of each
- *      window's region of the spill file.  The logs' batches are then
- *      taken in commit order, a k-way merge over one cursor per log
- *      (each log's batches are already in order), and every piece is
- *      written at its window's cursor, which then advances.  So each
- *      region holds its window's pieces in commit order.  Pieces are
- *      gathered in a buffer and written sorted by destination; a piece
- *      too large for the buffer is copied straight from the log.
- *   3. Apply: windows are done in order.  Unless the output was cloned
- *      from the base (FICLONE), the base is copied into it in the kernel
- *      with copy_file_range(2) by a thread that starts when the scan is
- *      done, so that the copy runs beside the spill pass and ahead of
- *      the windows being applied, which wait for it; the base's holes
- *      are skipped, and past its end there is nothing to copy, as
- *      ftruncate(2) made those bytes zeros.
- *      A window with no pieces needs nothing more.  Otherwise the
+ *      window's region of the spill file.  Consecutive windows are cut
+ *      into groups whose pieces fit in the apply pass's buffer (a window
+ *      with more is a group alone); a group's region is its windows'
+ *      regions together.  The logs' batches are then taken in commit
+ *      order, a k-way merge over one cursor per log (each log's batches
+ *      are already in order), and every piece is written at its group's
+ *      cursor, which then advances.  So each group's region holds its
+ *      pieces in commit order.  Pieces are gathered in a buffer and
+ *      written a group at a time, so the spill file is written in a few
+ *      long writes rather than one short one per window; a piece too
+ *      large for the buffer is copied straight from the log.
+ *   3. Apply: windows are done in order, into an output that has the
+ *      final size (ftruncate(2)) and, unless it was cloned from the base
+ *      (FICLONE), blocks allocated wherever the base has data, so that
+ *      no write has to allocate while the output is written back.  The
+ *      base's holes stay holes, and past its end there is nothing to
+ *      copy, as the bytes there are zeros already.
+ *      Unless cloned, the base is copied into the output in the kernel
+ *      with copy_file_range(2), by a second thread that starts when the
+ *      scan is done and copies, front to back, while the spill pass
+ *      runs.  When the apply pass starts, the thread stops copying and
+ *      the apply pass copies the rest itself as it reaches it, and only
+ *      what no piece covers: a window with pieces is written whole from
+ *      its buffer where they are, so those bytes are not copied first.
+ *      A window with no pieces is only copied.  Otherwise its group
+ *      is read whole, unless it is the group read last or a window
+ *      alone, and its pieces sorted by window into the buffer, each
+ *      moved to its window's region, in the order they come.  Then the
  *      headers of the window's region mark the blocks (COW__BLOCK
  *      bytes) that pieces touch, and short gaps between marked blocks
- *      are marked too; the base's bytes of
- *      the marked blocks are read into a buffer; the region is read
- *      front to back and each piece applied with the rules above, using
- *      an owner array of one 32-bit tag per byte of the window; and the
- *      marked blocks are written over the copy.  Copying every block
- *      and writing some twice costs less than filling a new file's
- *      holes with write(2), and a dense window goes out in one write.
- *      Behind the windows applied, the output is final, and it is
- *      handed to writeback as it grows (sync_file_range(2)), so that the
- *      disk writes it while the merge goes on and the caller's fsync(2)
- *      has little left to wait for.
+ *      are marked too; the base's bytes of the marked blocks are read
+ *      into a buffer and the others copied where the copy has not been;
+ *      the region is read front to back and each piece applied with the
+ *      rules above, using an owner array of one 32-bit tag per byte of
+ *      the window (when every piece of the window is from one session,
+ *      none can conflict and pieces are plain copies); and the marked
+ *      blocks are written, a dense window in one write.
+ *      Behind the windows applied, the output is final, and the second
+ *      thread hands it to writeback as it grows (sync_file_range(2)), so
+ *      that the disk writes it while the merge goes on and the caller's
+ *      fsync(2) has little left to wait for.
  *
  * An owner tag is a slot, the caller's sessions numbered densely from 1,
  * in its low COW__SLOT_BITS bits, and an epoch above them.  Each pass
@@ -95,14 +108,15 @@
  * completed, which is by offset within a window; the caller sorts.
  *
  * Memory: in the apply pass, a window-sized value buffer, the 4-byte
- * owner tags and a conflict bit per byte of a window, plus about 1.4 MiB
- * of fixed buffers (see the sizes below); in the spill pass, about 3.2
+ * owner tags and a conflict bit per byte of a window, plus about 4.4 MiB
+ * of fixed buffers (see the sizes below); in the spill pass, about 3.5
  * MiB of staging buffers and a read buffer per log (4 MiB shared by the
  * logs, at least 16 KiB each); from the spill pass on, the copy's 256
  * KiB buffer and its thread's 64 KiB stack; throughout, 8 bytes per
- * window of output and a few dozen bytes per log.  With the default 1
- * MiB window that is about 7.6 MiB at most, for up to 256 logs, whatever
- * their size.  Nothing else is mapped, so the resident size is that.
+ * window of output, at most 32 more per window for the groups, and a
+ * few dozen bytes per log.  With the default 1 MiB window that is about
+ * 10.6 MiB at most, for up to 256 logs, whatever their size.  Nothing
+ * else is mapped, so the resident size is that.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -138,14 +152,22 @@
  */
 #define COW__STAGE_BUFFER (1u << 20)
 
-/* Read buffer over the spill file in the apply pass. */
-#define COW__APPLY_BUFFER (1u << 20)
+/*
+ * Read buffer over the spill file in the apply pass, which holds a whole
+ * group of windows: consecutive windows are grouped as long as their
+ * pieces fit in it, and no more than COW__GROUP_WINDOWS of them.
+ */
+#define COW__APPLY_BUFFER (2u << 20)
+#define COW__GROUP_WINDOWS 4096u
 
 /* Conflict runs held at once (24 bytes each). */
 #define COW__RUNS (1u << 14)
 
-/* A spill entry's header: slot u32 | offset in window u32 | length u32. */
-#define COW__ENTRY_HEAD 12
+/*
+ * A spill entry's header: slot u32 | offset in window u32 | length u32 |
+ * window, counted from its group's first, u32.
+ */
+#define COW__ENTRY_HEAD 16
 
 /* Smallest stride between two progress reports, in bytes of the phase. */
 #define COW__TICK (1u << 20)
@@ -169,9 +191,9 @@
 #define COW__GAP (64u << 10)
 
 /*
- * The base is copied into the output in the kernel this far at a time,
- * ahead of the windows applied over it; the apply pass learns how far
- * the copy is after each step.
+ * The base is copied into the output in the kernel this far at a time:
+ * the second thread, copying beside the spill pass, looks between steps
+ * whether the apply pass wants to take the copy over.
  */
 #define COW__COPY_STEP (8u << 20)
 
@@ -207,11 +229,24 @@ struct cow__log {
     struct cow__batch next;
 };
 
+/*
+ * A group of windows [first, next group's first): its pieces share one
+ * region of the spill file, in commit order; see the top comment.
+ */
+struct cow__group {
+    uint64_t first;
+    /* Spill pass: where its next piece goes; bytes of it staged. */
+    uint64_t cursor;
+    uint32_t staged;
+    /* Where its staged pieces go in the stage's output buffer. */
+    uint32_t at;
+};
+
 /* Pieces gathered for the spill file; see cow__stage_piece(). */
 struct cow__item {
-    uint64_t dest;
     uint32_t at;
     uint32_t len;
+    uint64_t group;
 };
 
 struct cow__stage {
@@ -221,6 +256,9 @@ struct cow__stage {
     struct cow__item *items;
     size_t nitems;
     size_t maxitems;
+    /* Groups with staged pieces, in the order they got their first. */
+    uint64_t *touched;
+    size_t ntouched;
 };
 
 /* State of the apply pass. */
@@ -236,6 +274,13 @@ struct cow__apply {
     /* The window: its offset in the output and its length. */
     uint64_t wstart;
     uint32_t wlen;
+    /*
+     * The group in the buffer, sorted by window (ngroups if none), and
+     * what sorting it takes: its region as read, and a cursor per window.
+     */
+    uint64_t loaded;
+    unsigned char *unsorted;
+    uint32_t *cursors;
     /* The part of it being applied. */
     uint32_t lo;
     uint32_t hi;
@@ -244,6 +289,11 @@ struct cow__apply {
     uint32_t block;
     /* First pass over the window: count conflicting bytes. */
     bool count;
+    /*
+     * Every piece of the window is from one slot, so none can conflict:
+     * they are copied, and the owner tags are left as they are.
+     */
+    bool single;
     /* Runs are still being gathered: the array has not overflowed. */
     bool collect;
 
@@ -259,10 +309,10 @@ struct cow__apply {
 };
 
 /*
- * The copy of the base into the output, made by a thread of its own
- * from the spill pass on, so that it overlaps the spill and the apply
- * passes; or by the apply pass itself, as it goes, when no thread could
- * be started.
+ * The merge's second thread, from the spill pass on: it copies the base
+ * into the output while the spill pass runs, and from the apply pass on
+ * hands the output to writeback behind the windows applied.  Without it
+ * (no thread could be started) the apply pass does both itself.
  */
 struct cow__copier {
     pthread_mutex_t lock;
@@ -272,10 +322,16 @@ struct cow__copier {
     /*
      * Guarded by lock while the thread runs: the output holds the base's
      * bytes below copied (all of them when cloned); the copy's error;
-     * and a request to stop.
+     * a request to stop copying and start writing back, and whether the
+     * thread still copies; the output below final is final; no more
+     * output comes; and a request to stop at once.
      */
     uint64_t copied;
     int error;
+    bool handover;
+    bool copying;
+    uint64_t final;
+    bool done;
     bool stop;
     /* Used by whoever copies. */
     unsigned char *buf;
@@ -297,12 +353,16 @@ struct cow__merge {
     uint64_t out_size;
     uint64_t nwin;
     /*
-     * Per window: bytes of spill entries (scan), then where the window's
-     * next entry goes (spill), which leaves the end of its region.
+     * Per window: bytes of spill entries (scan), then where its entries
+     * start once sorted by window, with the spill's size after the last.
      */
     uint64_t *counts;
     uint64_t ncounts;
     uint64_t spill_size;
+    struct cow__group *groups;
+    uint64_t ngroups;
+    /* The group of the piece placed last, where the next one often goes. */
+    uint64_t group_hint;
     bool conflicted;
     struct cow__copier copier;
     /* Output below this was handed to writeback; ~0 once that failed. */
@@ -530,7 +590,7 @@ static int cow__scan(struct cow__merge *m)
         return rc;
 
     m->nwin = m->out_size / m->window + (m->out_size % m->window != 0);
-    rc = cow__grow_counts(m, m->nwin);
+    rc = cow__grow_counts(m, m->nwin + 1);
     if (rc < 0)
         return rc;
     m->stats->out_size = m->out_size;
@@ -541,42 +601,42 @@ static int cow__scan(struct cow__merge *m)
 
 /* -- spill pass ------------------------------------------------------ */
 
-static int cow__item_cmp(const void *a, const void *b)
-{
-    const struct cow__item *x = a, *y = b;
-
-    return (x->dest > y->dest) - (x->dest < y->dest);
-}
-
 /*
- * Writes the gathered pieces, sorted by destination: pieces that follow
- * each other in the spill file go out in one write.
+ * Writes the staged pieces, one write per group: a group's staged pieces
+ * follow each other in the spill file, ending at its cursor, as pieces
+ * written directly never come between them (the stage is written first).
  */
 static int cow__stage_flush(struct cow__merge *m, struct cow__stage *st)
 {
-    uint64_t dest = 0;
-    size_t n = 0, i;
-    int rc;
+    size_t used = 0, i;
+    int rc = 0;
 
-    qsort(st->items, st->nitems, sizeof(*st->items), cow__item_cmp);
+    for (i = 0; i < st->ntouched; i++) {
+        struct cow__group *g = &m->groups[st->touched[i]];
+
+        g->at = (uint32_t)used;
+        used += g->staged;
+    }
     for (i = 0; i < st->nitems; i++) {
         const struct cow__item *it = &st->items[i];
+        struct cow__group *g = &m->groups[it->group];
 
-        if (n > 0 && it->dest != dest + n) {
-            rc = cow__pwrite_all(m->spill_fd, st->out, n, dest);
-            if (rc < 0)
-                return rc;
-            n = 0;
-        }
-        if (n == 0)
-            dest = it->dest;
-        memcpy(st->out + n, st->data + it->at, it->len);
-        n += it->len;
+        memcpy(st->out + g->at, st->data + it->at, it->len);
+        g->at += it->len;
+    }
+    for (i = 0; i < st->ntouched; i++) {
+        struct cow__group *g = &m->groups[st->touched[i]];
+
+        if (rc == 0)
+            rc = cow__pwrite_all(m->spill_fd, st->out + g->at - g->staged,
+                                 g->staged, g->cursor - g->staged);
+        g->staged = 0;
     }
     st->nitems = 0;
+    st->ntouched = 0;
     st->used = 0;
 
-    return n > 0 ? cow__pwrite_all(m->spill_fd, st->out, n, dest) : 0;
+    return rc;
 }
 
 /* Copies n bytes at src of the log into dst. */
@@ -624,40 +684,71 @@ static int cow__spill_direct(struct cow__merge *m, struct cow__reader *r,
     return rc;
 }
 
+/* The group that window w belongs to. */
+static uint64_t cow__group_of(struct cow__merge *m, uint64_t w)
+{
+    uint64_t lo = 0, hi = m->ngroups, g = m->group_hint;
+
+    if (m->groups[g].first <= w && w < m->groups[g + 1].first)
+        return g;
+    while (hi - lo > 1) {
+        uint64_t mid = lo + (hi - lo) / 2;
+
+        if (m->groups[mid].first <= w)
+            lo = mid;
+        else
+            hi = mid;
+    }
+    m->group_hint = lo;
+
+    return lo;
+}
+
 /*
  * Places a piece: n bytes at src in the log, for offset woff of window
- * w, written by slot.  Its place in the spill file is fixed now, at the
- * window's cursor, even if the bytes are written later.
+ * w, written by slot.  Its place in the spill file is fixed now, at its
+ * group's cursor, even if the bytes are written later.
  */
 static int cow__stage_piece(struct cow__merge *m, struct cow__stage *st,
                             struct cow__log *lg, uint64_t w, uint32_t woff,
                             uint64_t src, uint32_t n)
 {
     uint64_t size = COW__ENTRY_HEAD + (uint64_t)n;
-    uint64_t dest = m->counts[w];
+    uint64_t g = cow__group_of(m, w);
+    struct cow__group *gr = &m->groups[g];
+    uint64_t dest = gr->cursor;
     unsigned char head[COW__ENTRY_HEAD];
     struct cow__item *it;
     int rc;
 
     /* The scan counted these very pieces; anything else is a change. */
-    if (dest + size > m->spill_size)
+    if (dest + size > m->counts[m->groups[g + 1].first])
         return -EIO;
-    m->counts[w] += size;
     cow__put32(head, lg->slot);
     cow__put32(head + 4, woff);
     cow__put32(head + 8, n);
-    if (size > COW__STAGE_BUFFER / 4)
+    cow__put32(head + 12, (uint32_t)(w - gr->first));
+    if (size > COW__STAGE_BUFFER / 4) {
+        rc = cow__stage_flush(m, st);
+        gr->cursor += size;
+        if (rc < 0)
+            return rc;
         return cow__spill_direct(m, &lg->reader, head, dest, src, n);
+    }
 
     if (st->used + size > COW__STAGE_BUFFER || st->nitems == st->maxitems) {
         rc = cow__stage_flush(m, st);
         if (rc < 0)
             return rc;
     }
+    gr->cursor += size;
+    if (gr->staged == 0)
+        st->touched[st->ntouched++] = g;
+    gr->staged += (uint32_t)size;
     it = &st->items[st->nitems++];
-    it->dest = dest;
     it->at = (uint32_t)st->used;
     it->len = (uint32_t)size;
+    it->group = g;
     memcpy(st->data + st->used, head, COW__ENTRY_HEAD);
     st->used += size;
 
@@ -844,6 +935,13 @@ static int cow__spill_all(struct cow__merge *m, struct cow__stage *st,
     return cow__stage_flush(m, st);
 }
 
+/* Most groups that can have pieces staged at once. */
+static size_t cow__stage_groups(const struct cow__merge *m,
+                                const struct cow__stage *st)
+{
+    return (size_t)cow__min(m->ngroups + 1, st->maxitems);
+}
+
 static int cow__stage_init(struct cow__merge *m, struct cow__stage *st)
 {
     memset(st, 0, sizeof(*st));
@@ -852,7 +950,9 @@ static int cow__stage_init(struct cow__merge *m, struct cow__stage *st)
     st->data = cow__alloc(&m->mem, COW__STAGE_BUFFER);
     st->out = cow__alloc(&m->mem, COW__STAGE_BUFFER);
     st->items = cow__alloc(&m->mem, st->maxitems * sizeof(*st->items));
-    if (st->data == NULL || st->out == NULL || st->items == NULL)
+    st->touched = cow__alloc(&m->mem, cow__stage_groups(m, st) * 8);
+    if (st->data == NULL || st->out == NULL || st->items == NULL ||
+        st->touched == NULL)
         return -ENOMEM;
 
     return 0;
@@ -863,6 +963,55 @@ static void cow__stage_free(struct cow__merge *m, struct cow__stage *st)
     cow__free(&m->mem, st->data, COW__STAGE_BUFFER);
     cow__free(&m->mem, st->out, COW__STAGE_BUFFER);
     cow__free(&m->mem, st->items, st->maxitems * sizeof(*st->items));
+    cow__free(&m->mem, st->touched, cow__stage_groups(m, st) * 8);
+}
+
+/*
+ * Cuts the windows into groups, front to back, into groups if it is not
+ * NULL, and returns how many: a group takes windows while their pieces
+ * fit in the apply pass's buffer, and at least one, so a window with
+ * more pieces than that is a group of its own.  Every group starts on a
+ * window, so there are never more groups than windows.
+ */
+static uint64_t cow__cut_groups(const struct cow__merge *m,
+                                struct cow__group *groups)
+{
+    uint64_t bytes = 0, count = 0, n = 0, w;
+
+    for (w = 0; w < m->nwin; w++) {
+        uint64_t c = m->counts[w + 1] - m->counts[w];
+
+        if (count > 0 &&
+            (bytes + c > COW__APPLY_BUFFER || count == COW__GROUP_WINDOWS))
+            count = 0;
+        if (count == 0) {
+            if (groups != NULL) {
+                groups[n].first = w;
+                groups[n].cursor = m->counts[w];
+            }
+            bytes = 0;
+            n++;
+        }
+        bytes += c;
+        count++;
+    }
+
+    return n;
+}
+
+static int cow__make_groups(struct cow__merge *m)
+{
+    m->ngroups = cow__cut_groups(m, NULL);
+    m->groups = cow__zalloc(&m->mem, (m->ngroups + 1) * sizeof(*m->groups));
+    if (m->groups == NULL)
+        return -ENOMEM;
+    cow__cut_groups(m, m->groups);
+    m->stats->groups = m->ngroups;
+    /* A last group, empty, marks where the others end. */
+    m->groups[m->ngroups].first = m->nwin;
+    m->groups[m->ngroups].cursor = m->spill_size;
+
+    return 0;
 }
 
 static int cow__spill(struct cow__merge *m)
@@ -879,8 +1028,12 @@ static int cow__spill(struct cow__merge *m)
         m->counts[w] = sum;
         sum += c;
     }
+    m->counts[m->nwin] = sum;
     m->spill_size = sum;
     m->stats->spill_bytes = sum;
+    rc = cow__make_groups(m);
+    if (rc < 0)
+        return rc;
 
     heap = cow__alloc(&m->mem, m->nlogs * sizeof(*heap));
     rc = heap == NULL ? -ENOMEM : cow__stage_init(m, &st);
@@ -1075,6 +1228,10 @@ static void cow__apply_bytes(struct cow__merge *m, struct cow__apply *ap,
     uint32_t epoch = ap->epoch;
     uint32_t i = 0, j, k;
 
+    if (ap->single) {
+        memcpy(val, d, n);
+        return;
+    }
     while (i < n) {
         for (j = i; j < n; j++)
             if (own[j] != tag && own[j] >> COW__SLOT_BITS == epoch)
@@ -1268,7 +1425,8 @@ static int cow__copy_data(struct cow__merge *m, uint64_t start, uint64_t end)
  * merges into a sparse output.  A file system that cannot tell holes
  * says all of the file is data.  If the base got shorter meanwhile, the
  * rest stays zero, as the output's size was set before.  Only the copy
- * moves base_fd's file offset; everything else reads at given offsets.
+ * and cow__preallocate(), never at once, move base_fd's file offset;
+ * everything else reads at given offsets.
  */
 static int cow__copy(struct cow__merge *m, uint64_t start, uint64_t end)
 {
@@ -1296,42 +1454,111 @@ static int cow__copy(struct cow__merge *m, uint64_t start, uint64_t end)
     return 0;
 }
 
-/* The copying thread: the base, front to back, a step at a time. */
+/*
+ * Starts writeback of the output below end, which no later step writes,
+ * in steps of COW__WRITEBACK_STEP.  Only a hint: a file system that
+ * refuses it gets the whole output synced by the caller's fsync(2), as
+ * it would anyway, and an I/O error shows there too.
+ */
+static void cow__write_back(struct cow__merge *m, uint64_t end, bool last)
+{
+    uint64_t from = m->written_back;
+
+    if (from == UINT64_MAX || end <= from ||
+        (end < from + COW__WRITEBACK_STEP && !last))
+        return;
+    if (sync_file_range(m->out_fd, (off64_t)from, (off64_t)(end - from),
+                        SYNC_FILE_RANGE_WRITE) == 0)
+        m->written_back = end;
+    else
+        m->written_back = UINT64_MAX;
+}
+
+/* The second thread: it copies, then writes back; see cow__copier. */
 static void *cow__copier_main(void *arg)
 {
     struct cow__merge *m = arg;
     struct cow__copier *c = &m->copier;
-    uint64_t at, stop;
-    bool halt;
+    uint64_t at, stop, final;
+    bool done;
     int rc;
 
     pthread_mutex_lock(&c->lock);
     at = c->copied;
-    halt = c->stop;
-    pthread_mutex_unlock(&c->lock);
-    while (at < m->base_size && !halt) {
+    while (at < m->base_size && !c->handover && !c->stop) {
+        pthread_mutex_unlock(&c->lock);
         stop = cow__min(at + COW__COPY_STEP, m->base_size);
         rc = cow__copy(m, at, stop);
-
         pthread_mutex_lock(&c->lock);
-        if (rc < 0)
+        if (rc < 0) {
             c->error = rc;
-        else
-            c->copied = at = stop;
-        halt = c->stop || rc < 0;
-        pthread_cond_broadcast(&c->moved);
-        pthread_mutex_unlock(&c->lock);
+            break;
+        }
+        c->copied = at = stop;
     }
+    c->copying = false;
+    pthread_cond_broadcast(&c->moved);
+
+    /* It stops writing back once the file system refused it. */
+    while (!c->stop && c->error == 0 && m->written_back != UINT64_MAX) {
+        while (!c->stop && !c->done &&
+               c->final < m->written_back + COW__WRITEBACK_STEP)
+            pthread_cond_wait(&c->moved, &c->lock);
+        if (c->stop)
+            break;
+        final = c->final;
+        done = c->done;
+        pthread_mutex_unlock(&c->lock);
+        cow__write_back(m, final, done);
+        pthread_mutex_lock(&c->lock);
+        if (done && final == c->final)
+            break;
+    }
+    pthread_mutex_unlock(&c->lock);
 
     return NULL;
 }
 
 /*
- * Gives the output its size and starts the copy of the base into it,
- * unless the output could be cloned from the base.  Called once the
- * scan found every log sound, so nothing is written to the output of a
- * merge that is refused.  The thread runs with every signal blocked:
- * they are the caller's to handle.
+ * Allocates the output's blocks under the base's data, extent by extent,
+ * so that the copy and the windows written need not allocate while the
+ * output is being written back, and a disk too full for the output fails
+ * the merge before anything is written.  The base's holes stay holes.
+ * A file system without fallocate(2) allocates as the output is written.
+ */
+static int cow__preallocate(struct cow__merge *m)
+{
+    uint64_t start = 0;
+
+    while (start < m->base_size) {
+        off_t data = lseek(m->base_fd, (off_t)start, SEEK_DATA);
+        off_t hole;
+
+        if (data < 0 && errno == ENXIO)
+            return 0;
+        if (data < 0)
+            data = (off_t)start;
+        hole = lseek(m->base_fd, data, SEEK_HOLE);
+        if (hole < 0 || (uint64_t)hole > m->base_size)
+            hole = (off_t)m->base_size;
+        while (fallocate(m->out_fd, 0, data, hole - data) < 0) {
+            if (errno == EOPNOTSUPP || errno == ENOSYS)
+                return 0;
+            if (errno != EINTR)
+                return -errno;
+        }
+        start = (uint64_t)hole;
+    }
+
+    return 0;
+}
+
+/*
+ * Gives the output its size and starts the second thread, which copies
+ * the base into it unless the output could be cloned from the base.
+ * Called once the scan found every log sound, so nothing is written to
+ * the output of a merge that is refused.  The thread runs with every
+ * signal blocked: they are the caller's to handle.
  */
 static int cow__copy_start(struct cow__merge *m)
 {
@@ -1347,8 +1574,12 @@ static int cow__copy_start(struct cow__merge *m)
     }
     if (ftruncate(m->out_fd, (off_t)m->out_size) < 0)
         return -errno;
-    if (c->copied == m->base_size)
-        return 0;
+    if (!m->stats->cloned) {
+        int rc = cow__preallocate(m);
+
+        if (rc < 0)
+            return rc;
+    }
 
     c->buf = cow__alloc(&m->mem, COW__COPY_BUFFER);
     if (c->buf == NULL)
@@ -1359,6 +1590,7 @@ static int cow__copy_start(struct cow__merge *m)
         pthread_mutex_destroy(&c->lock);
         return 0;
     }
+    c->copying = true;
     sigfillset(&all);
     pthread_attr_init(&attr);
     pthread_attr_setstacksize(&attr, COW__COPY_STACK);
@@ -1367,6 +1599,7 @@ static int cow__copy_start(struct cow__merge *m)
     pthread_sigmask(SIG_SETMASK, &saved, NULL);
     pthread_attr_destroy(&attr);
     if (!c->threaded) {
+        c->copying = false;
         pthread_cond_destroy(&c->moved);
         pthread_mutex_destroy(&c->lock);
     }
@@ -1374,14 +1607,62 @@ static int cow__copy_start(struct cow__merge *m)
     return 0;
 }
 
-/* Stops the copying thread if it still runs, and waits for it. */
-static void cow__copy_finish(struct cow__merge *m)
+/*
+ * Takes the copy over from the second thread, once its current step is
+ * done: from here on the apply pass copies, and only what no piece
+ * covers, so the bytes it writes over are never copied first.
+ */
+static int cow__copy_handover(struct cow__merge *m)
+{
+    struct cow__copier *c = &m->copier;
+    int rc;
+
+    if (!c->threaded)
+        return 0;
+    pthread_mutex_lock(&c->lock);
+    c->handover = true;
+    while (c->copying)
+        pthread_cond_wait(&c->moved, &c->lock);
+    rc = c->error;
+    pthread_mutex_unlock(&c->lock);
+
+    return rc;
+}
+
+/*
+ * Says that the output below end is final, for writeback to start on,
+ * or that all of it is when last is set.
+ */
+static void cow__finished(struct cow__merge *m, uint64_t end, bool last)
+{
+    struct cow__copier *c = &m->copier;
+
+    if (!cow__writing(m))
+        return;
+    if (!c->threaded) {
+        cow__write_back(m, end, last);
+        return;
+    }
+    pthread_mutex_lock(&c->lock);
+    c->final = end;
+    c->done = last;
+    pthread_cond_broadcast(&c->moved);
+    pthread_mutex_unlock(&c->lock);
+}
+
+/*
+ * Waits for the second thread to end: at once if the merge failed,
+ * after its last writeback otherwise.
+ */
+static void cow__copy_finish(struct cow__merge *m, bool failed)
 {
     struct cow__copier *c = &m->copier;
 
     if (c->threaded) {
         pthread_mutex_lock(&c->lock);
-        c->stop = true;
+        c->done = true;
+        c->stop = c->stop || failed || !cow__writing(m);
+        pthread_cond_broadcast(&c->moved);
         pthread_mutex_unlock(&c->lock);
         pthread_join(c->thread, NULL);
         pthread_cond_destroy(&c->moved);
@@ -1393,9 +1674,9 @@ static void cow__copy_finish(struct cow__merge *m)
 }
 
 /*
- * Returns once the output holds the base's bytes below end.  Windows are
- * written in order, each after this has returned for its end, so the
- * copy never lands on bytes the merge wrote.
+ * Copies the base below end into the output, from where the copy is:
+ * the apply pass calls this, in window order, once the second thread has
+ * handed the copy over, so the copy never lands on bytes the merge wrote.
  */
 static int cow__await_copy(struct cow__merge *m, uint64_t end)
 {
@@ -1404,19 +1685,11 @@ static int cow__await_copy(struct cow__merge *m, uint64_t end)
     int rc = 0;
 
     end = cow__min(end, m->base_size);
-    if (!c->threaded) {
-        while (c->copied < end && rc == 0) {
-            stop = cow__min(c->copied + COW__COPY_STEP, m->base_size);
-            rc = cow__copy(m, c->copied, stop);
-            c->copied = stop;
-        }
-        return rc;
+    while (c->copied < end && rc == 0) {
+        stop = cow__min(c->copied + COW__COPY_STEP, end);
+        rc = cow__copy(m, c->copied, stop);
+        c->copied = stop;
     }
-    pthread_mutex_lock(&c->lock);
-    while (c->copied < end && c->error == 0)
-        pthread_cond_wait(&c->moved, &c->lock);
-    rc = c->error;
-    pthread_mutex_unlock(&c->lock);
 
     return rc;
 }
@@ -1435,20 +1708,25 @@ static size_t cow__block_words(uint64_t window)
 
 /*
  * Marks the blocks that the pieces of region [pos, end) of the spill
- * file touch.  Only the pieces' headers are read, and the region is
- * usually still in the buffer when it is applied next.
+ * file touch, and learns whether they are all from one slot.  Only the
+ * pieces' headers are read, and the region is usually still in the
+ * buffer when it is applied next.
  */
 static int cow__plan_window(struct cow__apply *ap, uint64_t pos,
                             uint64_t end)
 {
     const unsigned char *p;
-    uint32_t woff, n, b;
+    uint32_t first = 0, woff, n, b;
     int rc;
 
+    ap->single = true;
     while (pos < end) {
         rc = cow__reader_get(&ap->reader, pos, COW__ENTRY_HEAD, &p);
         if (rc != 0)
             return rc < 0 ? rc : -EIO;
+        if (first == 0)
+            first = cow__le32(p);
+        ap->single = ap->single && cow__le32(p) == first;
         woff = cow__le32(p + 4);
         n = cow__le32(p + 8);
         pos += COW__ENTRY_HEAD;
@@ -1498,6 +1776,36 @@ static void cow__fill_gaps(struct cow__apply *ap)
         for (b = from / ap->block; b < to / ap->block; b++)
             ap->blocks[b / 64] |= (uint64_t)1 << (b % 64);
     }
+}
+
+/*
+ * Copies the base's bytes of the window's blocks that are not marked,
+ * where the copy has not been yet: the marked ones are written whole
+ * from the window's buffer.
+ */
+static int cow__copy_gaps(struct cow__merge *m, struct cow__apply *ap)
+{
+    struct cow__copier *c = &m->copier;
+    uint64_t end = cow__min(ap->wstart + ap->wlen, m->base_size);
+    uint32_t from, to = 0;
+    int rc;
+
+    if (c->copied >= end)
+        return 0;
+    while (to < ap->wlen) {
+        uint64_t a, b;
+
+        if (cow__block_run(ap, to / ap->block, &from, &to))
+            continue;
+        a = ap->wstart + from;
+        b = ap->wstart + to;
+        rc = cow__copy(m, a > c->copied ? a : c->copied, b);
+        if (rc < 0)
+            return rc;
+    }
+    c->copied = end;
+
+    return 0;
 }
 
 /* Reads [from, to) of the window from the base, zeros past its end. */
@@ -1573,7 +1881,7 @@ static int cow__apply_window(struct cow__merge *m, struct cow__apply *ap,
     rc = cow__plan_window(ap, pos, end);
     cow__fill_gaps(ap);
     if (rc == 0 && cow__writing(m))
-        rc = cow__await_copy(m, ap->wstart + ap->wlen);
+        rc = cow__copy_gaps(m, ap);
     if (rc == 0)
         rc = cow__read_base(m, ap);
     if (rc == 0)
@@ -1597,12 +1905,73 @@ static int cow__apply_window(struct cow__merge *m, struct cow__apply *ap,
     return rc;
 }
 
-/* Region of window w in the spill file, once the spill pass is done. */
+/*
+ * Region of window w in the spill file, once its group is sorted by
+ * window; its pieces are in commit order there.
+ */
 static void cow__region(const struct cow__merge *m, uint64_t w,
                         uint64_t *pos, uint64_t *end)
 {
-    *pos = w == 0 ? 0 : m->counts[w - 1];
-    *end = m->counts[w];
+    *pos = m->counts[w];
+    *end = m->counts[w + 1];
+}
+
+/*
+ * Makes the buffer over the spill file hold the group of window w,
+ * sorted by window: its region is read whole, its pieces moved to their
+ * windows' regions in the order they come, so each window's pieces stay
+ * in commit order.  A group of one window is in that order already, and
+ * is read as it is applied.
+ */
+static int cow__load_group(struct cow__merge *m, struct cow__apply *ap,
+                           uint64_t w)
+{
+    uint64_t g = cow__group_of(m, w);
+    uint64_t first = m->groups[g].first;
+    uint64_t nw = m->groups[g + 1].first - first;
+    uint64_t start = m->counts[first];
+    size_t len = (size_t)(m->counts[first + nw] - start);
+    size_t pos = 0;
+    uint64_t i;
+    int64_t got;
+
+    if (g == ap->loaded || nw == 1)
+        return 0;
+    /* Cut so; anything else means the counters were overwritten. */
+    if (len > ap->reader.cap || nw > COW__GROUP_WINDOWS)
+        return -EIO;
+    got = cow__pread_full(m->spill_fd, ap->unsorted, len, start);
+    if (got < 0)
+        return (int)got;
+    if ((size_t)got != len)
+        return -EIO;
+    for (i = 0; i < nw; i++)
+        ap->cursors[i] = (uint32_t)(m->counts[first + i] - start);
+
+    while (pos < len) {
+        const unsigned char *p = ap->unsorted + pos;
+        uint32_t in, to;
+        size_t size;
+
+        if (len - pos < COW__ENTRY_HEAD)
+            return -EIO;
+        size = COW__ENTRY_HEAD + (size_t)cow__le32(p + 8);
+        in = cow__le32(p + 12);
+        if (in >= nw || size > len - pos)
+            return -EIO;
+        to = ap->cursors[in];
+        if (to + size > m->counts[first + in + 1] - start)
+            return -EIO;
+        memcpy(ap->reader.buf + to, p, size);
+        ap->cursors[in] = (uint32_t)(to + size);
+        pos += size;
+    }
+    /* The buffer now holds the group as if read so from the file. */
+    ap->reader.base = start;
+    ap->reader.len = len;
+    ap->loaded = g;
+
+    return 0;
 }
 
 /*
@@ -1632,14 +2001,18 @@ static int cow__skip_empty(struct cow__merge *m, uint64_t w, uint64_t *next)
 static int cow__apply_init(struct cow__merge *m, struct cow__apply *ap)
 {
     memset(ap, 0, sizeof(*ap));
+    ap->loaded = m->ngroups;
+    ap->unsorted = cow__alloc(&m->mem, COW__APPLY_BUFFER);
+    ap->cursors = cow__alloc(&m->mem, COW__GROUP_WINDOWS * sizeof(uint32_t));
     ap->val = cow__alloc(&m->mem, m->window);
     ap->owner = cow__zalloc(&m->mem, m->window * sizeof(*ap->owner));
     ap->hit = cow__zalloc(&m->mem, (m->window + 63) / 64 * 8);
     ap->runs = cow__alloc(&m->mem, COW__RUNS * sizeof(*ap->runs));
     ap->blocks = cow__zalloc(&m->mem, cow__block_words(m->window) * 8);
     ap->block = (uint32_t)cow__min(m->window, COW__BLOCK);
-    if (ap->val == NULL || ap->owner == NULL || ap->hit == NULL ||
-        ap->runs == NULL || ap->blocks == NULL)
+    if (ap->unsorted == NULL || ap->cursors == NULL || ap->val == NULL ||
+        ap->owner == NULL || ap->hit == NULL || ap->runs == NULL ||
+        ap->blocks == NULL)
         return -ENOMEM;
 
     return cow__reader_init(&ap->reader, &m->mem, m->spill_fd,
@@ -1648,32 +2021,14 @@ static int cow__apply_init(struct cow__merge *m, struct cow__apply *ap)
 
 static void cow__apply_free(struct cow__merge *m, struct cow__apply *ap)
 {
+    cow__free(&m->mem, ap->unsorted, COW__APPLY_BUFFER);
+    cow__free(&m->mem, ap->cursors, COW__GROUP_WINDOWS * sizeof(uint32_t));
     cow__free(&m->mem, ap->val, m->window);
     cow__free(&m->mem, ap->owner, m->window * sizeof(*ap->owner));
     cow__free(&m->mem, ap->hit, (m->window + 63) / 64 * 8);
     cow__free(&m->mem, ap->runs, COW__RUNS * sizeof(*ap->runs));
     cow__free(&m->mem, ap->blocks, cow__block_words(m->window) * 8);
     cow__reader_free(&ap->reader, &m->mem);
-}
-
-/*
- * Starts writeback of the output below end, which no later step writes,
- * in steps of COW__WRITEBACK_STEP.  Only a hint: a file system that
- * refuses it gets the whole output synced by the caller's fsync(2), as
- * it would anyway, and an I/O error shows there too.
- */
-static void cow__write_back(struct cow__merge *m, uint64_t end)
-{
-    uint64_t from = m->written_back;
-
-    if (from == UINT64_MAX || end < from + COW__WRITEBACK_STEP ||
-        !cow__writing(m))
-        return;
-    if (sync_file_range(m->out_fd, (off64_t)from, (off64_t)(end - from),
-                        SYNC_FILE_RANGE_WRITE) == 0)
-        m->written_back = end;
-    else
-        m->written_back = UINT64_MAX;
 }
 
 static int cow__apply_all(struct cow__merge *m, struct cow__apply *ap)
@@ -1686,18 +2041,21 @@ static int cow__apply_all(struct cow__merge *m, struct cow__apply *ap)
         if (pos == end) {
             rc = cow__skip_empty(m, w, &next);
         } else {
-            rc = cow__apply_window(m, ap, w, pos, end);
+            rc = cow__load_group(m, ap, w);
+            if (rc == 0)
+                rc = cow__apply_window(m, ap, w, pos, end);
             next = w + 1;
         }
         if (rc < 0)
             return rc;
         w = next;
-        cow__write_back(m, cow__min(w * m->window, m->out_size));
+        cow__finished(m, cow__min(w * m->window, m->out_size), false);
         rc = cow__tick(m, cow__min(w * m->window, m->out_size));
         if (rc < 0)
             return rc;
     }
     cow__runs_flush(m, ap);
+    cow__finished(m, m->out_size, true);
 
     return 0;
 }
@@ -1707,7 +2065,9 @@ static int cow__apply(struct cow__merge *m)
     struct cow__apply ap;
     int rc;
 
-    rc = cow__phase(m, COW_MERGE_APPLY, m->out_size);
+    rc = cow__copy_handover(m);
+    if (rc == 0)
+        rc = cow__phase(m, COW_MERGE_APPLY, m->out_size);
     if (rc < 0)
         return rc;
     rc = cow__apply_init(m, &ap);
@@ -1809,7 +2169,7 @@ static int cow__run(struct cow__merge *m, struct cow_merge_log *logs)
         rc = cow__spill(m);
     if (rc == 0)
         rc = cow__apply(m);
-    cow__copy_finish(m);
+    cow__copy_finish(m, rc != 0);
     if (rc == 0 && m->policy == COW_MERGE_FAIL && m->conflicted)
         rc = -EDEADLK;
 
@@ -1854,6 +2214,7 @@ int cow_merge(struct cow_merge_log *logs, size_t nlogs, int base_fd,
     rc = cow__run(&m, logs);
 
     cow__free(&m.mem, m.counts, m.ncounts * sizeof(uint64_t));
+    cow__free(&m.mem, m.groups, (m.ngroups + 1) * sizeof(*m.groups));
     cow__free(&m.mem, m.sessions, (m.nlogs + 1) * sizeof(uint32_t));
     cow__free(&m.mem, m.logs, m.nlogs * sizeof(*m.logs));
     stats->peak_buffer_bytes = m.mem.peak;

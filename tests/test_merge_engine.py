@@ -461,6 +461,46 @@ def test_records_larger_than_every_buffer_stream_through(tmp_path):
         assert result.conflict_bytes == expected.conflict_bytes
 
 
+def _crowded_logs(rng, size: int, records: int, length: int) -> list[ModelLog]:
+    """Three sessions writing over each other, in interleaved batches."""
+    logs = [ModelLog(f"s{k}", []) for k in range(3)]
+    for seq in range(1, 31):
+        batch = [
+            (rng.randrange(size), rng.choice([b"\0", b"ab"]) * (length // 2))
+            for _ in range(records // 10)
+        ]
+        logs[seq % 3].batches.append((seq, batch))
+
+    return logs
+
+
+@pytest.mark.parametrize(
+    "window, records, length",
+    [
+        # Windows whose pieces fill the apply buffer after some dozens.
+        (64 << 10, 8_000, 100),
+        # More windows than a group holds, most of them with pieces.
+        (64, 3_000, 40),
+    ],
+)
+def test_windows_are_grouped_and_sorted_back_in_commit_order(
+    tmp_path, window, records, length
+):
+    rng = random.Random(window)
+    size = 2 << 20
+    base = rng.randbytes(size)
+    logs = _crowded_logs(rng, size, records, length)
+    files = Files(tmp_path, base, logs)
+    expected = model_merge(base, logs, "last")
+
+    result, output = files.merge("last", window=window, max_conflicts=100_000)
+
+    assert result.groups > 1
+    assert output == expected.output
+    assert result.conflicts == expected.conflicts
+    assert result.conflict_bytes == expected.conflict_bytes
+
+
 def test_more_conflict_ranges_than_the_engine_holds_are_all_found(tmp_path):
     # Every other byte differs: 65,536 separate ranges in one window,
     # more than the engine's run array, so it redoes the window in parts.

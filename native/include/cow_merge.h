@@ -110,8 +110,9 @@ struct cow_merge_stats {
     /* Windows of the output, and those that held records. */
     uint64_t windows;
     uint64_t windows_touched;
-    /* Bytes written to the spill file. */
+    /* Bytes written to the spill file, and the groups of windows in it. */
     uint64_t spill_bytes;
+    uint64_t groups;
     /* 1 when the output was cloned from the base with FICLONE. */
     int cloned;
     /*
