@@ -6,7 +6,15 @@
  * bytes into the running value with eight table lookups.  On x86-64
  * processors with SSE4.2 the crc32 instruction does the same work in
  * hardware, eight bytes at a time; it is chosen once, at the first call,
- * by asking the processor.
+ * by asking the processor.  The instruction's result comes three cycles
+ * after its input, but a new one can start every cycle, so long inputs
+ * are cut into three streams that run side by side and are joined after.
+ *
+ * Joining rests on the register being linear in its start value and the
+ * data: the register after a start value r and data D is the register
+ * after r and as many zero bytes as D has, XOR the register after 0 and
+ * D.  The first part is a fixed linear map of r for a given length, kept
+ * in four tables of 256 entries, one per byte of r.
  *
  * Both keep the register inverted between calls the way the usual
  * definition does (start from all ones, invert at the end), so a value
@@ -29,6 +37,15 @@
  * eight-byte step.
  */
 static uint32_t cow__crc_table[8][256];
+
+/* Bytes of each of the three streams. */
+#define COW__CRC_STREAM 1024
+
+/*
+ * cow__crc_skip[k][b] is the register that b << 8k becomes after
+ * COW__CRC_STREAM zero bytes.
+ */
+static uint32_t cow__crc_skip[4][256];
 
 static bool cow__crc_hw;
 
@@ -53,10 +70,29 @@ static void cow__crc_init(void)
         }
     }
 
+    /* Each bit of the register, through the zeros; then every byte. */
+    for (k = 0; k < 32; k++) {
+        uint32_t bit = 1u << k, i;
+
+        c = bit;
+        for (i = 0; i < COW__CRC_STREAM; i++)
+            c = (c >> 8) ^ cow__crc_table[0][c & 0xff];
+        for (b = 0; b < 256; b++)
+            if (b & 1u << (k % 8))
+                cow__crc_skip[k / 8][b] ^= c;
+    }
+
 #if defined(__x86_64__)
     __builtin_cpu_init();
     cow__crc_hw = __builtin_cpu_supports("sse4.2");
 #endif
+}
+
+/* The register c after COW__CRC_STREAM zero bytes. */
+static uint32_t cow__crc_skip_stream(uint32_t c)
+{
+    return cow__crc_skip[0][c & 0xff] ^ cow__crc_skip[1][(c >> 8) & 0xff] ^
+           cow__crc_skip[2][(c >> 16) & 0xff] ^ cow__crc_skip[3][c >> 24];
 }
 
 static uint32_t cow__crc_tables(uint32_t c, const unsigned char *p, size_t n)
@@ -91,6 +127,26 @@ static uint32_t cow__crc_sse42(uint32_t c, const unsigned char *p, size_t n)
     while (n > 0 && ((uintptr_t)p & 7) != 0) {
         c = __builtin_ia32_crc32qi(c, *p++);
         n--;
+    }
+    while (n >= 3 * COW__CRC_STREAM) {
+        uint64_t a = c, b = 0, d = 0;
+        size_t i;
+
+        for (i = 0; i < COW__CRC_STREAM; i += 8) {
+            uint64_t wa, wb, wd;
+
+            memcpy(&wa, p + i, 8);
+            memcpy(&wb, p + COW__CRC_STREAM + i, 8);
+            memcpy(&wd, p + 2 * COW__CRC_STREAM + i, 8);
+            a = __builtin_ia32_crc32di(a, wa);
+            b = __builtin_ia32_crc32di(b, wb);
+            d = __builtin_ia32_crc32di(d, wd);
+        }
+        c = cow__crc_skip_stream(cow__crc_skip_stream((uint32_t)a) ^
+                                 (uint32_t)b) ^
+            (uint32_t)d;
+        p += 3 * COW__CRC_STREAM;
+        n -= 3 * COW__CRC_STREAM;
     }
     c64 = c;
     while (n >= 8) {

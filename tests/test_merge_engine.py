@@ -441,6 +441,18 @@ def test_crc_matches_the_python_crc32c_package(data, value, shift):
     assert _mergelib.crc32c(view, value, portable=True) == want
 
 
+@pytest.mark.parametrize("size", [3071, 3072, 3073, 3 * 3072 + 5, 100_003, 1 << 20])
+def test_crc_of_long_inputs_matches_across_streams(size):
+    # Inputs of three streams' length and more take the interleaved path.
+    data = random.Random(size).randbytes(size + 8)
+    for shift in (0, 3):
+        view = memoryview(data)[shift : shift + size]
+        want = crc32c.crc32c(bytes(view), 0x1234)
+
+        assert _mergelib.crc32c(view, 0x1234) == want
+        assert _mergelib.crc32c(view, 0x1234, portable=True) == want
+
+
 # -- large pieces and many conflicts --------------------------------------
 
 
