@@ -25,9 +25,8 @@ import statistics
 import subprocess
 import tempfile
 from dataclasses import dataclass
-from importlib import resources
 
-from cowclient._native import libcow_path
+from cowclient._native import installed, libcow_path
 from cowclient._rpc import Client
 
 # Enough pages for the timer's resolution to vanish in the mean, few
@@ -94,11 +93,7 @@ def run(client: Client | None, args: argparse.Namespace) -> int:
 
 def bench_program() -> str:
     """Absolute path of cow-bench as installed with this package."""
-    path = os.fspath(resources.files("cowclient") / "_native" / "cow-bench")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"cow-bench is not installed at {path}")
-
-    return path
+    return installed("cow-bench")
 
 
 def _make_file(folder: str, pages: int) -> str:
