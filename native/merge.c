@@ -78,16 +78,18 @@
  *      headers of the window's region mark the blocks (COW__BLOCK
  *      bytes) that pieces touch, and short gaps between marked blocks
  *      are marked too; the base's bytes of the marked blocks are read
- *      into a buffer and the others copied where the copy has not been;
+ *      into a buffer and the others copied where the copy has not been
+ *      (a window dense with pieces is read whole instead, ahead, by the
+ *      second thread, into a second buffer that is then swapped in);
  *      the region is read front to back and each piece applied with the
  *      rules above, using an owner array of one 32-bit tag per byte of
  *      the window (when every piece of the window is from one session,
  *      none can conflict and pieces are plain copies); and the marked
  *      blocks are written, a dense window in one write.
  *      Behind the windows applied, the output is final, and the second
- *      thread hands it to writeback as it grows (sync_file_range(2)), so
- *      that the disk writes it while the merge goes on and the caller's
- *      fsync(2) has little left to wait for.
+ *      thread, between the windows it reads ahead, hands it to writeback
+ *      as it grows (sync_file_range(2)), so that the disk writes it while
+ *      the merge goes on and the caller's fsync(2) has little left.
  *
  * An owner tag is a slot, the caller's sessions numbered densely from 1,
  * in its low COW__SLOT_BITS bits, and an epoch above them.  Each pass
@@ -107,7 +109,7 @@
  * can be redone alone.  Ranges are reported in the order they are
  * completed, which is by offset within a window; the caller sorts.
  *
- * Memory: in the apply pass, a window-sized value buffer, the 4-byte
+ * Memory: in the apply pass, two window-sized value buffers, the 4-byte
  * owner tags and a conflict bit per byte of a window, plus about 4.4 MiB
  * of fixed buffers (see the sizes below); in the spill pass, about 3.5
  * MiB of staging buffers and a read buffer per log (4 MiB shared by the
@@ -115,7 +117,7 @@
  * KiB buffer and its thread's 64 KiB stack; throughout, 8 bytes per
  * window of output, at most 32 more per window for the groups, and a
  * few dozen bytes per log.  With the default 1 MiB window that is about
- * 10.6 MiB at most, for up to 256 logs, whatever their size.  Nothing
+ * 11.6 MiB at most, for up to 256 logs, whatever their size.  Nothing
  * else is mapped, so the resident size is that.
  */
 #include <errno.h>
@@ -174,6 +176,13 @@
 
 /* Most progress reports per phase, on top of the first and last. */
 #define COW__TICKS 1024
+
+/*
+ * A window whose spill entries take at least 1/COW__DENSE of it is read
+ * whole from the base, ahead, by the second thread: most of its blocks
+ * would be read anyway.
+ */
+#define COW__DENSE 64
 
 /*
  * Unit in which a window with pieces is written: only blocks that pieces
@@ -333,6 +342,17 @@ struct cow__copier {
     uint64_t final;
     bool done;
     bool stop;
+    /*
+     * Also guarded by lock: the apply pass wants window ahead_window of
+     * the base read into ahead, a buffer of a window, and it is, with
+     * this result.  Only the thread touches ahead while it is wanted and
+     * not ready; the apply pass swaps it with its own buffer after.
+     */
+    unsigned char *ahead;
+    uint64_t ahead_window;
+    bool ahead_wanted;
+    bool ahead_ready;
+    int ahead_error;
     /* Used by whoever copies. */
     unsigned char *buf;
     bool no_copy_range;
@@ -1474,6 +1494,33 @@ static void cow__write_back(struct cow__merge *m, uint64_t end, bool last)
         m->written_back = UINT64_MAX;
 }
 
+/* Reads n bytes of the base at start into buf, zeros past its end. */
+static int cow__read_base_at(struct cow__merge *m, unsigned char *buf,
+                             uint64_t start, size_t n)
+{
+    uint64_t have = 0;
+    int64_t got = 0;
+
+    if (m->base_size > start)
+        have = cow__min(n, m->base_size - start);
+    if (have > 0)
+        got = cow__pread_full(m->base_fd, buf, (size_t)have, start);
+    if (got < 0)
+        return (int)got;
+    memset(buf + got, 0, n - (size_t)got);
+
+    return 0;
+}
+
+/* Reads the base's bytes of window w whole into the spare buffer. */
+static int cow__read_ahead(struct cow__merge *m, uint64_t w)
+{
+    uint64_t start = w * m->window;
+
+    return cow__read_base_at(m, m->copier.ahead, start,
+                             (size_t)cow__min(m->window, m->out_size - start));
+}
+
 /* The second thread: it copies, then writes back; see cow__copier. */
 static void *cow__copier_main(void *arg)
 {
@@ -1499,13 +1546,31 @@ static void *cow__copier_main(void *arg)
     c->copying = false;
     pthread_cond_broadcast(&c->moved);
 
-    /* It stops writing back once the file system refused it. */
-    while (!c->stop && c->error == 0 && m->written_back != UINT64_MAX) {
-        while (!c->stop && !c->done &&
-               c->final < m->written_back + COW__WRITEBACK_STEP)
-            pthread_cond_wait(&c->moved, &c->lock);
-        if (c->stop)
+    /*
+     * Then it reads windows ahead when asked, first, and writes back
+     * what became final, until the file system refuses that.
+     */
+    while (!c->stop && c->error == 0) {
+        bool back = m->written_back != UINT64_MAX &&
+                    (c->done || c->final >= m->written_back + COW__WRITEBACK_STEP);
+
+        if (c->ahead_wanted && !c->ahead_ready) {
+            uint64_t w = c->ahead_window;
+
+            pthread_mutex_unlock(&c->lock);
+            rc = cow__read_ahead(m, w);
+            pthread_mutex_lock(&c->lock);
+            c->ahead_error = rc;
+            c->ahead_ready = true;
+            pthread_cond_broadcast(&c->moved);
+            continue;
+        }
+        if (!back && c->done)
             break;
+        if (!back) {
+            pthread_cond_wait(&c->moved, &c->lock);
+            continue;
+        }
         final = c->final;
         done = c->done;
         pthread_mutex_unlock(&c->lock);
@@ -1671,6 +1736,8 @@ static void cow__copy_finish(struct cow__merge *m, bool failed)
     }
     cow__free(&m->mem, c->buf, COW__COPY_BUFFER);
     c->buf = NULL;
+    cow__free(&m->mem, c->ahead, m->window);
+    c->ahead = NULL;
 }
 
 /*
@@ -1812,19 +1879,75 @@ static int cow__copy_gaps(struct cow__merge *m, struct cow__apply *ap)
 static int cow__read_span(struct cow__merge *m, struct cow__apply *ap,
                           uint32_t from, uint32_t to)
 {
-    uint64_t start = ap->wstart + from;
-    uint64_t n = 0;
-    int64_t got = 0;
+    return cow__read_base_at(m, ap->val + from, ap->wstart + from, to - from);
+}
 
-    if (m->base_size > start)
-        n = cow__min(to - from, m->base_size - start);
-    if (n > 0)
-        got = cow__pread_full(m->base_fd, ap->val + from, (size_t)n, start);
-    if (got < 0)
-        return (int)got;
-    memset(ap->val + from + got, 0, (to - from) - (size_t)got);
+/*
+ * Whether window w has pieces enough that most of its blocks are likely
+ * to be read: it is then worth reading whole, ahead.
+ */
+static bool cow__dense(const struct cow__merge *m, uint64_t w)
+{
+    uint64_t len = cow__min(m->window, m->out_size - w * m->window);
 
-    return 0;
+    return (m->counts[w + 1] - m->counts[w]) * COW__DENSE >= len;
+}
+
+/*
+ * Asks the second thread to read ahead the first window with pieces from
+ * window from on, if that one is dense; windows with no pieces between
+ * are passed over.
+ */
+static void cow__ask_ahead(struct cow__merge *m, uint64_t from)
+{
+    struct cow__copier *c = &m->copier;
+    uint64_t w = from;
+
+    if (!c->threaded || c->ahead == NULL)
+        return;
+    while (w < m->nwin && m->counts[w + 1] == m->counts[w])
+        w++;
+    if (w == m->nwin || !cow__dense(m, w))
+        return;
+    pthread_mutex_lock(&c->lock);
+    c->ahead_window = w;
+    c->ahead_wanted = true;
+    c->ahead_ready = false;
+    pthread_cond_broadcast(&c->moved);
+    pthread_mutex_unlock(&c->lock);
+}
+
+/*
+ * Takes the base's bytes of window w from the second thread if it was
+ * asked for them, waiting for it if need be, and asks for the next
+ * window.  Returns 1 when the window's buffer holds them, 0 when it
+ * does not, or a negative errno.
+ */
+static int cow__take_ahead(struct cow__merge *m, struct cow__apply *ap,
+                           uint64_t w)
+{
+    struct cow__copier *c = &m->copier;
+    unsigned char *mine = ap->val;
+    int rc = 0;
+
+    if (!c->threaded || c->ahead == NULL)
+        return 0;
+    pthread_mutex_lock(&c->lock);
+    if (c->ahead_wanted) {
+        while (!c->ahead_ready)
+            pthread_cond_wait(&c->moved, &c->lock);
+        if (c->ahead_window == w) {
+            rc = c->ahead_error < 0 ? c->ahead_error : 1;
+            ap->val = c->ahead;
+            c->ahead = mine;
+        }
+        c->ahead_wanted = false;
+    }
+    pthread_mutex_unlock(&c->lock);
+    if (rc >= 0)
+        cow__ask_ahead(m, w + 1);
+
+    return rc;
 }
 
 /* Reads the base's bytes of the marked blocks into the window buffer. */
@@ -1871,18 +1994,19 @@ static int cow__write_window(struct cow__merge *m, struct cow__apply *ap)
 static int cow__apply_window(struct cow__merge *m, struct cow__apply *ap,
                              uint64_t w, uint64_t pos, uint64_t end)
 {
-    int rc;
+    int ahead, rc;
 
     ap->wstart = w * m->window;
     ap->wlen = (uint32_t)cow__min(m->window, m->out_size - ap->wstart);
     ap->count = true;
     /* The region is read several times: keep it in the buffer if it fits. */
     ap->reader.keep = pos;
-    rc = cow__plan_window(ap, pos, end);
+    ahead = cow__take_ahead(m, ap, w);
+    rc = ahead < 0 ? ahead : cow__plan_window(ap, pos, end);
     cow__fill_gaps(ap);
     if (rc == 0 && cow__writing(m))
         rc = cow__copy_gaps(m, ap);
-    if (rc == 0)
+    if (rc == 0 && ahead == 0)
         rc = cow__read_base(m, ap);
     if (rc == 0)
         rc = cow__apply_part(m, ap, pos, end, 0, ap->wlen);
@@ -2005,6 +2129,11 @@ static int cow__apply_init(struct cow__merge *m, struct cow__apply *ap)
     ap->unsorted = cow__alloc(&m->mem, COW__APPLY_BUFFER);
     ap->cursors = cow__alloc(&m->mem, COW__GROUP_WINDOWS * sizeof(uint32_t));
     ap->val = cow__alloc(&m->mem, m->window);
+    if (m->copier.threaded) {
+        m->copier.ahead = cow__alloc(&m->mem, m->window);
+        if (m->copier.ahead == NULL)
+            return -ENOMEM;
+    }
     ap->owner = cow__zalloc(&m->mem, m->window * sizeof(*ap->owner));
     ap->hit = cow__zalloc(&m->mem, (m->window + 63) / 64 * 8);
     ap->runs = cow__alloc(&m->mem, COW__RUNS * sizeof(*ap->runs));
@@ -2071,8 +2200,10 @@ static int cow__apply(struct cow__merge *m)
     if (rc < 0)
         return rc;
     rc = cow__apply_init(m, &ap);
-    if (rc == 0)
+    if (rc == 0) {
+        cow__ask_ahead(m, 0);
         rc = cow__apply_all(m, &ap);
+    }
     cow__apply_free(m, &ap);
 
     return rc;

@@ -173,9 +173,9 @@ struct cow_merge_progress {
  *
  * spill_fd is a scratch file open for reading and writing, ideally
  * empty (an O_TMPFILE on the same file system as the output); it
- * receives a copy of the applicable records sorted by output window.
+ * receives a copy of the applicable records, grouped by output window.
  * window is the size of the slices of the output the engine works on
- * (0 for COW_MERGE_DEFAULT_WINDOW); the engine's buffers hold about 5.2
+ * (0 for COW_MERGE_DEFAULT_WINDOW); the engine's buffers hold about 6.2
  * times window bytes plus a few MiB (merge.c has the details).  Up to
  * max_conflicts conflict ranges are stored in conflicts (which may be
  * NULL when max_conflicts is 0).  progress may be NULL; see struct
