@@ -385,7 +385,10 @@ struct cow__merge {
     uint64_t group_hint;
     bool conflicted;
     struct cow__copier copier;
-    /* Output below this was handed to writeback; ~0 once that failed. */
+    /*
+     * Output below this was handed to writeback, ~0 once that failed;
+     * guarded by the copier's lock while its thread runs.
+     */
     uint64_t written_back;
     struct cow_merge_conflict *conflicts;
     size_t max_conflicts;
@@ -1475,23 +1478,34 @@ static int cow__copy(struct cow__merge *m, uint64_t start, uint64_t end)
 }
 
 /*
- * Starts writeback of the output below end, which no later step writes,
- * in steps of COW__WRITEBACK_STEP.  Only a hint: a file system that
+ * Starts writeback of the output that became final since the last time,
+ * if that is a step of COW__WRITEBACK_STEP or the output is done, and
+ * returns whether it did.  Either thread may, whichever has nothing else
+ * to do: it claims the range with the lock held (when the second thread
+ * runs), and drops the lock meanwhile.  Only a hint: a file system that
  * refuses it gets the whole output synced by the caller's fsync(2), as
  * it would anyway, and an I/O error shows there too.
  */
-static void cow__write_back(struct cow__merge *m, uint64_t end, bool last)
+static bool cow__write_back(struct cow__merge *m)
 {
-    uint64_t from = m->written_back;
+    struct cow__copier *c = &m->copier;
+    uint64_t from = m->written_back, to = c->final;
+    int rc;
 
-    if (from == UINT64_MAX || end <= from ||
-        (end < from + COW__WRITEBACK_STEP && !last))
-        return;
-    if (sync_file_range(m->out_fd, (off64_t)from, (off64_t)(end - from),
-                        SYNC_FILE_RANGE_WRITE) == 0)
-        m->written_back = end;
-    else
+    if (from == UINT64_MAX || to <= from ||
+        (to < from + COW__WRITEBACK_STEP && !c->done))
+        return false;
+    m->written_back = to;
+    if (c->threaded)
+        pthread_mutex_unlock(&c->lock);
+    rc = sync_file_range(m->out_fd, (off64_t)from, (off64_t)(to - from),
+                         SYNC_FILE_RANGE_WRITE);
+    if (c->threaded)
+        pthread_mutex_lock(&c->lock);
+    if (rc != 0)
         m->written_back = UINT64_MAX;
+
+    return true;
 }
 
 /* Reads n bytes of the base at start into buf, zeros past its end. */
@@ -1526,8 +1540,7 @@ static void *cow__copier_main(void *arg)
 {
     struct cow__merge *m = arg;
     struct cow__copier *c = &m->copier;
-    uint64_t at, stop, final;
-    bool done;
+    uint64_t at, stop;
     int rc;
 
     pthread_mutex_lock(&c->lock);
@@ -1548,12 +1561,9 @@ static void *cow__copier_main(void *arg)
 
     /*
      * Then it reads windows ahead when asked, first, and writes back
-     * what became final, until the file system refuses that.
+     * what became final, until the output is done.
      */
     while (!c->stop && c->error == 0) {
-        bool back = m->written_back != UINT64_MAX &&
-                    (c->done || c->final >= m->written_back + COW__WRITEBACK_STEP);
-
         if (c->ahead_wanted && !c->ahead_ready) {
             uint64_t w = c->ahead_window;
 
@@ -1563,21 +1573,11 @@ static void *cow__copier_main(void *arg)
             c->ahead_error = rc;
             c->ahead_ready = true;
             pthread_cond_broadcast(&c->moved);
-            continue;
-        }
-        if (!back && c->done)
-            break;
-        if (!back) {
+        } else if (!cow__write_back(m)) {
+            if (c->done)
+                break;
             pthread_cond_wait(&c->moved, &c->lock);
-            continue;
         }
-        final = c->final;
-        done = c->done;
-        pthread_mutex_unlock(&c->lock);
-        cow__write_back(m, final, done);
-        pthread_mutex_lock(&c->lock);
-        if (done && final == c->final)
-            break;
     }
     pthread_mutex_unlock(&c->lock);
 
@@ -1705,7 +1705,9 @@ static void cow__finished(struct cow__merge *m, uint64_t end, bool last)
     if (!cow__writing(m))
         return;
     if (!c->threaded) {
-        cow__write_back(m, end, last);
+        c->final = end;
+        c->done = last;
+        cow__write_back(m);
         return;
     }
     pthread_mutex_lock(&c->lock);
@@ -1934,8 +1936,10 @@ static int cow__take_ahead(struct cow__merge *m, struct cow__apply *ap,
         return 0;
     pthread_mutex_lock(&c->lock);
     if (c->ahead_wanted) {
+        /* Rather than wait, start writeback in the thread's stead. */
         while (!c->ahead_ready)
-            pthread_cond_wait(&c->moved, &c->lock);
+            if (!cow__write_back(m))
+                pthread_cond_wait(&c->moved, &c->lock);
         if (c->ahead_window == w) {
             rc = c->ahead_error < 0 ? c->ahead_error : 1;
             ap->val = c->ahead;
