@@ -408,6 +408,11 @@ class Daemon:
         name: str,
     ) -> dict[str, Any]:
         in_place = bool(params.get("in_place"))
+        sync = params.get("sync", True)
+        if not isinstance(sync, bool):
+            raise InvalidArgument("sync must be true or false")
+        if not sync and (in_place or output is None):
+            raise InvalidArgument("--no-sync needs an output file (-o), not --in-place")
         if in_place and not await trio.to_thread.run_sync(_merging.has_news, plan):
             log.info("nothing new to merge", logs=len(plan.logs))
             return {"output": None, "noop": True, "logs": len(plan.logs), "batches": 0}
@@ -415,11 +420,14 @@ class Daemon:
         report = progress.report if progress else _no_progress
         if output is not None:
             # The client created this file with its own rights and
-            # renames it into place once we return.
+            # renames it into place once we return.  An output left
+            # unsynced gets no manifest: after a machine crash it might
+            # not hold what the manifest would say.
             result = await trio.to_thread.run_sync(
-                _merging.run, plan, source, output, report, self.state.root
+                _merging.run, plan, source, output, report, self.state.root, sync
             )
-            self._record(plan, result, os.fstat(output))
+            if sync:
+                self._record(plan, result, os.fstat(output))
             path = None
         else:
             path = os.path.join(self.state.merges_dir, name)

@@ -6,8 +6,9 @@ batch of the given logs whose sequence number is above the log's
 engine (native/merge.c, through ``_mergelib``).  It raises Conflict or
 CorruptLog, and then what it wrote is of no use.  Its memory does not
 grow with the logs: records are spilled to a temporary file in the
-state folder, sorted by window of the output.  The caller owns syncing,
-renaming and manifests.
+state folder, grouped by window of the output.  With ``write_back`` the
+output is handed to the kernel's writeback as it is done.  The caller
+owns syncing, renaming and manifests.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def merge(
     policy: str,
     progress: Callable[[str, int, int], None],
     spill_dir: str,
+    write_back: bool = True,
 ) -> Result:
     opened: list[int] = []
     try:
@@ -76,6 +78,7 @@ def merge(
                 spill.fileno(),
                 policy,
                 progress=_mergelib.MergeProgress(progress, every=_REPORT_EVERY),
+                write_back=write_back,
             )
     finally:
         for fd in opened:

@@ -96,7 +96,8 @@ struct cow_merge_progress {
     void *arg;
 };
 int cow_merge(struct cow_merge_log *logs, size_t nlogs, int base_fd,
-              int out_fd, int spill_fd, int policy, uint64_t window,
+              int out_fd, int spill_fd, int policy, unsigned flags,
+              uint64_t window,
               struct cow_merge_conflict *conflicts, size_t max_conflicts,
               struct cow_merge_stats *stats,
               struct cow_merge_progress *progress);
@@ -111,7 +112,7 @@ uint32_t cow_merge_crc32c_portable(uint32_t crc, const void *data,
 POLICIES = ("fail", "last", "first")
 
 # The engine's default: large enough that per-window costs vanish, small
-# enough that the window buffers (about five times this) stay modest.
+# enough that the window buffers (about six times this) stay modest.
 DEFAULT_WINDOW = 1 << 20
 
 # The engine's error codes that mean something other than a failed call.
@@ -120,6 +121,9 @@ _CORRUPT = -errno.EBADMSG
 
 # The engine's largest window: offsets in a window must fit 32 bits.
 MAX_WINDOW = 1 << 30
+
+# COW_MERGE_WRITE_BACK, the engine's one flag.
+_WRITE_BACK = 1
 
 # Where pip puts the library, relative to the cowd package's folder.
 _LIBRARY = "_native/libcowmerge.so"
@@ -371,14 +375,17 @@ def merge(
     window: int = DEFAULT_WINDOW,
     max_conflicts: int = 1000,
     progress: MergeProgress | None = None,
+    write_back: bool = True,
 ) -> MergeResult:
     """Merge ``logs`` onto a copy of the base into ``out_fd``.
 
     ``spill_fd`` is a scratch file, read and written; ``policy`` is
     "fail", "last" or "first"; ``window`` the size of the slices of the
-    output the engine works on (its buffers are about five times that).
+    output the engine works on (its buffers are about six times that).
     At most ``max_conflicts`` conflict ranges are listed; all are
-    counted.  See MergeProgress for ``progress``.
+    counted.  See MergeProgress for ``progress``.  With ``write_back``
+    the output is handed to the kernel's writeback as it is done, so
+    that syncing it after has little left to wait for.
 
     Raises Conflict (policy "fail" and sessions conflict), CorruptLog (a
     log fails its checks; nothing was written), InvalidArgument or
@@ -400,6 +407,7 @@ def merge(
             out_fd,
             spill_fd,
             POLICIES.index(policy),
+            _WRITE_BACK if write_back else 0,
             window,
             conflicts,
             max_conflicts,

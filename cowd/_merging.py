@@ -185,16 +185,25 @@ def has_news(plan: Plan) -> bool:
 
 
 def run(
-    plan: Plan, source_fd: int, out_fd: int, progress: Progress, spill_dir: str
+    plan: Plan,
+    source_fd: int,
+    out_fd: int,
+    progress: Progress,
+    spill_dir: str,
+    sync: bool = True,
 ) -> _engine.Result:
-    """Write the merge into out_fd, synced; no rename, no manifest."""
+    """Write the merge into out_fd, synced unless told not to.
+
+    No rename, no manifest: those are the caller's.
+    """
     crashpoint("merge started")
     result = _engine.merge(
-        plan.inputs(), source_fd, out_fd, plan.policy, progress, spill_dir
+        plan.inputs(), source_fd, out_fd, plan.policy, progress, spill_dir, sync
     )
     crashpoint("merge applied")
-    os.fsync(out_fd)
-    crashpoint("merge synced")
+    if sync:
+        os.fsync(out_fd)
+        crashpoint("merge synced")
 
     return result
 

@@ -368,6 +368,8 @@ struct cow__merge {
     int out_fd;
     int spill_fd;
     int policy;
+    /* COW_MERGE_WRITE_BACK was given. */
+    bool write_back;
     uint64_t window;
     uint64_t base_size;
     uint64_t out_size;
@@ -1702,7 +1704,7 @@ static void cow__finished(struct cow__merge *m, uint64_t end, bool last)
 {
     struct cow__copier *c = &m->copier;
 
-    if (!cow__writing(m))
+    if (!cow__writing(m) || !m->write_back)
         return;
     if (!c->threaded) {
         c->final = end;
@@ -2313,7 +2315,8 @@ static int cow__run(struct cow__merge *m, struct cow_merge_log *logs)
 
 COW__MERGE_EXPORT
 int cow_merge(struct cow_merge_log *logs, size_t nlogs, int base_fd,
-              int out_fd, int spill_fd, int policy, uint64_t window,
+              int out_fd, int spill_fd, int policy, unsigned flags,
+              uint64_t window,
               struct cow_merge_conflict *conflicts, size_t max_conflicts,
               struct cow_merge_stats *stats,
               struct cow_merge_progress *progress)
@@ -2330,7 +2333,8 @@ int cow_merge(struct cow_merge_log *logs, size_t nlogs, int base_fd,
         window = COW_MERGE_DEFAULT_WINDOW;
     if ((logs == NULL && nlogs > 0) || base_fd < 0 || out_fd < 0 ||
         spill_fd < 0 || policy < COW_MERGE_FAIL ||
-        policy > COW_MERGE_FIRST || window > COW_MERGE_MAX_WINDOW ||
+        policy > COW_MERGE_FIRST || (flags & ~COW_MERGE_WRITE_BACK) != 0 ||
+        window > COW_MERGE_MAX_WINDOW ||
         (conflicts == NULL && max_conflicts > 0) || nlogs > INT32_MAX)
         return -EINVAL;
 
@@ -2340,6 +2344,7 @@ int cow_merge(struct cow_merge_log *logs, size_t nlogs, int base_fd,
     m.out_fd = out_fd;
     m.spill_fd = spill_fd;
     m.policy = policy;
+    m.write_back = (flags & COW_MERGE_WRITE_BACK) != 0;
     m.window = window;
     m.conflicts = conflicts;
     m.max_conflicts = max_conflicts;

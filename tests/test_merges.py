@@ -169,3 +169,44 @@ def test_no_sync_daemon_still_commits_and_merges(tmp_path):
         assert (tmp_path / "o").read_bytes() == b"012xyz6789"
     finally:
         assert cowd.stop() == 0
+
+
+def test_merge_all_no_sync_writes_the_same_file_and_no_manifest(cowd, tmp_path):
+    base = tmp_path / "base"
+    base.write_bytes(b"0123456789" * 100_000)
+    s = Session(cowd, base)
+    s.commit((3, b"xyz"), (500_000, b"\0\n"))
+    synced, unsynced = tmp_path / "synced", tmp_path / "unsynced"
+    manifests = cowd.state_dir / "manifests"
+
+    cowd.cowctl("merge-all", "-s", str(base), "-o", str(synced), check=True)
+    before = set(os.listdir(manifests))
+    cowd.cowctl(
+        "merge-all", "-s", str(base), "-o", str(unsynced), "--no-sync", check=True
+    )
+
+    assert unsynced.read_bytes() == synced.read_bytes()
+    assert set(os.listdir(manifests)) == before
+    # Without a manifest the output is a file of its own, not a version
+    # of the base: what the base's sessions commit later is merged onto
+    # the synced output only.
+    s.commit((9, b"Q"))
+    onto_synced = cowd.client().merge_all(str(synced), str(tmp_path / "a"))
+    onto_unsynced = cowd.client().merge_all(str(unsynced), str(tmp_path / "b"))
+    assert (onto_synced["batches"], onto_unsynced["batches"]) == (1, 0)
+
+
+def test_no_sync_is_refused_in_place_and_without_an_output(cowd, tmp_path):
+    base = tmp_path / "base"
+    base.write_bytes(b"0123456789")
+    Session(cowd, base).commit((0, b"A"))
+    files = sorted(os.listdir(tmp_path))
+
+    for where in (["--in-place"], []):
+        result = cowd.cowctl("merge-all", "-s", str(base), *where, "--no-sync")
+
+        assert result.returncode != 0
+        assert result.stderr.decode().count("\n") == 1
+        assert b"--no-sync needs an output file" in result.stderr
+    assert base.read_bytes() == b"0123456789"
+    assert sorted(os.listdir(tmp_path)) == files

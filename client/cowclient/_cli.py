@@ -161,6 +161,12 @@ def _add_output(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="replace SOURCE atomically; mappings of the old version keep it",
     )
+    parser.add_argument(
+        "--no-sync",
+        dest="sync",
+        action="store_false",
+        help="with -o: do not wait for the disk (a machine crash may lose OUT)",
+    )
 
 
 def _add_json(parser: argparse.ArgumentParser) -> None:
@@ -338,6 +344,7 @@ def cmd_merge(args: argparse.Namespace) -> None:
             force=args.force,
             in_place=args.in_place,
             on_progress=bar,
+            sync=args.sync,
         )
     _print_merge(result)
 
@@ -351,6 +358,7 @@ def cmd_merge_all(args: argparse.Namespace) -> None:
             force=args.force,
             in_place=args.in_place,
             on_progress=bar,
+            sync=args.sync,
         )
     _print_merge(result)
 

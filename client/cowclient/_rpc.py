@@ -140,9 +140,10 @@ class Client:
         force: bool = False,
         in_place: bool = False,
         on_progress: Callable[[dict], None] | None = None,
+        sync: bool = True,
     ) -> dict[str, Any]:
         """Apply one log to a copy of source (or to source itself)."""
-        params = {"log": log, "force": force}
+        params = {"log": log, "force": force, "sync": sync}
 
         return self._merge("merge", source, output, in_place, params, on_progress)
 
@@ -154,15 +155,18 @@ class Client:
         force: bool = False,
         in_place: bool = False,
         on_progress: Callable[[dict], None] | None = None,
+        sync: bool = True,
     ) -> dict[str, Any]:
         """Apply every committed log of source, in commit order.
 
         With in_place, source is replaced atomically by the result;
         processes that map the old version keep it.  Only batches the
         file does not hold yet are applied, and when there are none the
-        file is left as it is.
+        file is left as it is.  Without sync (only with an output), the
+        output is renamed into place without waiting for the disk, and
+        no manifest says what it holds.
         """
-        params = {"on_conflict": on_conflict, "force": force}
+        params = {"on_conflict": on_conflict, "force": force, "sync": sync}
 
         return self._merge("merge_all", source, output, in_place, params, on_progress)
 
@@ -185,6 +189,8 @@ class Client:
         params: dict,
         on_progress: Callable[[dict], None] | None,
     ) -> dict[str, Any]:
+        if not params["sync"] and (in_place or output is None):
+            raise InvalidArgument("--no-sync needs an output file (-o), not --in-place")
         if in_place:
             if output is not None:
                 raise InvalidArgument("--in-place and -o exclude each other")
@@ -222,7 +228,8 @@ class Client:
             raise
         finally:
             os.close(fd)
-        fsync_dir(folder)
+        if params["sync"]:
+            fsync_dir(folder)
         result["output"] = output
 
         return result

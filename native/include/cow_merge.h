@@ -43,6 +43,15 @@ enum cow_merge_policy {
     COW_MERGE_FIRST = 2,
 };
 
+/*
+ * Flags of cow_merge().  COW_MERGE_WRITE_BACK hands the output to the
+ * kernel's writeback as it becomes final, so that the disk writes it
+ * while the merge goes on and a later fsync(2) has little left to wait
+ * for; without it the output stays in the page cache, for the kernel to
+ * write when it will.
+ */
+#define COW_MERGE_WRITE_BACK 1u
+
 /* The passes of a merge, as struct cow_merge_progress reports them. */
 enum cow_merge_phase {
     COW_MERGE_SCAN = 1,
@@ -181,20 +190,22 @@ struct cow_merge_progress {
  * NULL when max_conflicts is 0).  progress may be NULL; see struct
  * cow_merge_progress.
  *
- * Nothing is synced and nothing renamed: that is the caller's part.
+ * flags is 0 or COW_MERGE_WRITE_BACK.  Nothing is synced and nothing
+ * renamed: that is the caller's part.
  *
  * Returns 0 when the output is complete; -EDEADLK when policy is
  * COW_MERGE_FAIL and sessions conflict (the output is then incomplete;
  * stats and conflicts tell where); -EBADMSG when a log is corrupt
  * (stats->corrupt_*), before anything is written; -ECANCELED when
- * stopped through progress; -EINVAL for a bad argument (a policy, window
+ * stopped through progress; -EINVAL for a bad argument (a policy, flag, window
  * or descriptor that makes no sense, more than COW_MERGE_MAX_SESSIONS
  * sessions); -EFBIG when a record ends past the largest file offset;
  * -EIO when a log or the spill file changed under the merge; -ENOMEM;
  * or the negative errno of a failed read or write.
  */
 int cow_merge(struct cow_merge_log *logs, size_t nlogs, int base_fd,
-              int out_fd, int spill_fd, int policy, uint64_t window,
+              int out_fd, int spill_fd, int policy, unsigned flags,
+              uint64_t window,
               struct cow_merge_conflict *conflicts, size_t max_conflicts,
               struct cow_merge_stats *stats,
               struct cow_merge_progress *progress);
