@@ -115,7 +115,7 @@
  * MiB of staging buffers and a read buffer per log (4 MiB shared by the
  * logs, at least 16 KiB each); from the spill pass on, the copy's 256
  * KiB buffer and its thread's 64 KiB stack; throughout, 8 bytes per
- * window of output, at most 32 more per window for the groups, and a
+ * window of output, at most 40 more per window for the groups, and a
  * few dozen bytes per log.  With the default 1 MiB window that is about
  * 11.6 MiB at most, for up to 256 logs, whatever their size.  Nothing
  * else is mapped, so the resident size is that.
@@ -383,8 +383,8 @@ struct cow__merge {
     uint64_t spill_size;
     struct cow__group *groups;
     uint64_t ngroups;
-    /* The group of the piece placed last, where the next one often goes. */
-    uint64_t group_hint;
+    /* Per window, the group it belongs to. */
+    uint64_t *group_of;
     bool conflicted;
     struct cow__copier copier;
     /*
@@ -709,26 +709,6 @@ static int cow__spill_direct(struct cow__merge *m, struct cow__reader *r,
     return rc;
 }
 
-/* The group that window w belongs to. */
-static uint64_t cow__group_of(struct cow__merge *m, uint64_t w)
-{
-    uint64_t lo = 0, hi = m->ngroups, g = m->group_hint;
-
-    if (m->groups[g].first <= w && w < m->groups[g + 1].first)
-        return g;
-    while (hi - lo > 1) {
-        uint64_t mid = lo + (hi - lo) / 2;
-
-        if (m->groups[mid].first <= w)
-            lo = mid;
-        else
-            hi = mid;
-    }
-    m->group_hint = lo;
-
-    return lo;
-}
-
 /*
  * Places a piece: n bytes at src in the log, for offset woff of window
  * w, written by slot.  Its place in the spill file is fixed now, at its
@@ -739,7 +719,7 @@ static int cow__stage_piece(struct cow__merge *m, struct cow__stage *st,
                             uint64_t src, uint32_t n)
 {
     uint64_t size = COW__ENTRY_HEAD + (uint64_t)n;
-    uint64_t g = cow__group_of(m, w);
+    uint64_t g = m->group_of[w];
     struct cow__group *gr = &m->groups[g];
     uint64_t dest = gr->cursor;
     unsigned char head[COW__ENTRY_HEAD];
@@ -1026,15 +1006,21 @@ static uint64_t cow__cut_groups(const struct cow__merge *m,
 
 static int cow__make_groups(struct cow__merge *m)
 {
+    uint64_t g, w;
+
     m->ngroups = cow__cut_groups(m, NULL);
     m->groups = cow__zalloc(&m->mem, (m->ngroups + 1) * sizeof(*m->groups));
-    if (m->groups == NULL)
+    m->group_of = cow__alloc(&m->mem, m->nwin * sizeof(uint64_t));
+    if (m->groups == NULL || m->group_of == NULL)
         return -ENOMEM;
     cow__cut_groups(m, m->groups);
-    m->stats->groups = m->ngroups;
     /* A last group, empty, marks where the others end. */
     m->groups[m->ngroups].first = m->nwin;
     m->groups[m->ngroups].cursor = m->spill_size;
+    for (g = 0; g < m->ngroups; g++)
+        for (w = m->groups[g].first; w < m->groups[g + 1].first; w++)
+            m->group_of[w] = g;
+    m->stats->groups = m->ngroups;
 
     return 0;
 }
@@ -2056,7 +2042,7 @@ static void cow__region(const struct cow__merge *m, uint64_t w,
 static int cow__load_group(struct cow__merge *m, struct cow__apply *ap,
                            uint64_t w)
 {
-    uint64_t g = cow__group_of(m, w);
+    uint64_t g = m->group_of[w];
     uint64_t first = m->groups[g].first;
     uint64_t nw = m->groups[g + 1].first - first;
     uint64_t start = m->counts[first];
@@ -2355,6 +2341,7 @@ int cow_merge(struct cow_merge_log *logs, size_t nlogs, int base_fd,
 
     cow__free(&m.mem, m.counts, m.ncounts * sizeof(uint64_t));
     cow__free(&m.mem, m.groups, (m.ngroups + 1) * sizeof(*m.groups));
+    cow__free(&m.mem, m.group_of, m.nwin * sizeof(uint64_t));
     cow__free(&m.mem, m.sessions, (m.nlogs + 1) * sizeof(uint32_t));
     cow__free(&m.mem, m.logs, m.nlogs * sizeof(*m.logs));
     stats->peak_buffer_bytes = m.mem.peak;
