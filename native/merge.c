@@ -186,8 +186,8 @@
 
 /*
  * Unit in which a window with pieces is written: only blocks that pieces
- * touch are written from the window's buffer, over the copy of the base
- * already in the output.  A window smaller than this is one block.
+ * touch are written from the window's buffer; the others are copied from
+ * the base.  A window smaller than this is one block.
  */
 #define COW__BLOCK 4096u
 
@@ -320,8 +320,9 @@ struct cow__apply {
 /*
  * The merge's second thread, from the spill pass on: it copies the base
  * into the output while the spill pass runs, and from the apply pass on
- * hands the output to writeback behind the windows applied.  Without it
- * (no thread could be started) the apply pass does both itself.
+ * reads dense windows of the base ahead and hands the output to
+ * writeback behind the windows applied.  Without it (no thread could be
+ * started) the apply pass copies, reads and starts writeback itself.
  */
 struct cow__copier {
     pthread_mutex_t lock;
@@ -955,7 +956,8 @@ static int cow__stage_init(struct cow__merge *m, struct cow__stage *st)
     st->data = cow__alloc(&m->mem, COW__STAGE_BUFFER);
     st->out = cow__alloc(&m->mem, COW__STAGE_BUFFER);
     st->items = cow__alloc(&m->mem, st->maxitems * sizeof(*st->items));
-    st->touched = cow__alloc(&m->mem, cow__stage_groups(m, st) * 8);
+    st->touched =
+        cow__alloc(&m->mem, cow__stage_groups(m, st) * sizeof(uint64_t));
     if (st->data == NULL || st->out == NULL || st->items == NULL ||
         st->touched == NULL)
         return -ENOMEM;
@@ -968,15 +970,16 @@ static void cow__stage_free(struct cow__merge *m, struct cow__stage *st)
     cow__free(&m->mem, st->data, COW__STAGE_BUFFER);
     cow__free(&m->mem, st->out, COW__STAGE_BUFFER);
     cow__free(&m->mem, st->items, st->maxitems * sizeof(*st->items));
-    cow__free(&m->mem, st->touched, cow__stage_groups(m, st) * 8);
+    cow__free(&m->mem, st->touched,
+              cow__stage_groups(m, st) * sizeof(uint64_t));
 }
 
 /*
- * Cuts the windows into groups, front to back, into groups if it is not
- * NULL, and returns how many: a group takes windows while their pieces
- * fit in the apply pass's buffer, and at least one, so a window with
- * more pieces than that is a group of its own.  Every group starts on a
- * window, so there are never more groups than windows.
+ * Cuts the windows into groups, front to back, writing them into groups
+ * unless it is NULL, and returns how many: a group takes windows while
+ * their pieces fit in the apply pass's buffer, and at least one, so a
+ * window with more pieces than that is a group of its own.  Every group
+ * starts on a window, so there are never more groups than windows.
  */
 static uint64_t cow__cut_groups(const struct cow__merge *m,
                                 struct cow__group *groups)
@@ -1400,10 +1403,8 @@ static int cow__copy_plain(struct cow__merge *m, uint64_t start, uint64_t end)
 
 /*
  * Copies [start, end) of the base, all of it data, to the same place in
- * the output, in the kernel when it can: the kernel copies a long run
- * faster than it fills the holes of a new file through write(2), so the
- * whole base is copied and the touched blocks of each window written
- * over the copy.
+ * the output, in the kernel when it can, which saves moving the bytes
+ * through a buffer of ours.
  */
 static int cow__copy_data(struct cow__merge *m, uint64_t start, uint64_t end)
 {
@@ -1523,7 +1524,7 @@ static int cow__read_ahead(struct cow__merge *m, uint64_t w)
                              (size_t)cow__min(m->window, m->out_size - start));
 }
 
-/* The second thread: it copies, then writes back; see cow__copier. */
+/* The second thread: it copies, then reads ahead and writes back. */
 static void *cow__copier_main(void *arg)
 {
     struct cow__merge *m = arg;
@@ -1961,7 +1962,7 @@ static int cow__read_base(struct cow__merge *m, struct cow__apply *ap)
 
 /*
  * Writes the marked blocks of the window from the buffer, over the copy
- * of the base already in the output.
+ * of the base if the second thread made it already.
  */
 static int cow__write_window(struct cow__merge *m, struct cow__apply *ap)
 {
