@@ -459,8 +459,10 @@ class Daemon:
     def _record(
         self, plan: _merging.Plan, result: _engine.Result, st: os.stat_result
     ) -> None:
-        applied = _merging.applied_after(plan, result)
-        self.manifests.record(_merging.Identity.of(st), plan.lineage.origin, applied)
+        applied, ends = _merging.applied_after(plan, result)
+        self.manifests.record(
+            _merging.Identity.of(st), plan.lineage.origin, applied, ends
+        )
         _merging.crashpoint("manifest recorded")
 
     def _merge_into_state(

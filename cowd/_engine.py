@@ -35,6 +35,9 @@ class LogInput:
     path: str
     session: str
     min_seq: int = 0
+    # Where to start reading, past batches known to be applied already;
+    # from the first batch when None.
+    start: int | None = None
 
 
 @dataclass
@@ -42,8 +45,10 @@ class Result:
     batches: int = 0
     records: int = 0
     bytes: int = 0
-    # Per log path, the highest sequence number applied from it.
+    # Per log path, the highest sequence number applied from it, and
+    # where that batch ends in the log.
     last_seq: dict[str, int] = field(default_factory=dict)
+    ends: dict[str, int] = field(default_factory=dict)
 
 
 def merge(
@@ -61,11 +66,13 @@ def merge(
         for log in logs:
             fd = os.open(log.path, os.O_RDONLY | os.O_CLOEXEC)
             opened.append(fd)
+            # The header is checked whatever the start.
+            start = _mergelib.data_start(fd)
             inputs.append(
                 _mergelib.LogInput(
                     fd=fd,
                     session=log.session,
-                    data_start=_mergelib.data_start(fd),
+                    data_start=max(start, log.start or 0),
                     min_seq=log.min_seq,
                     path=log.path,
                 )
@@ -89,4 +96,5 @@ def merge(
         records=merged.records,
         bytes=merged.bytes_applied,
         last_seq={o.path: o.last_seq for o in merged.logs if o.batches},
+        ends={o.path: o.applied_end for o in merged.logs if o.batches},
     )

@@ -4,9 +4,10 @@ A merge output can itself be merged again, typically after an in-place
 merge replaced the base.  So that nothing is applied twice, every merge
 leaves a manifest in STATE/manifests, named after the output file's
 device and inode, saying which file the logs were made from (the
-origin) and, per log, the last commit sequence number applied.  Merging
-a file that has a manifest (and whose size and mtime still match it)
-takes the logs of its origin and applies only the batches committed
+origin) and, per log, the last commit sequence number applied and the
+offset where that batch ends.  Merging a file that has a manifest (and
+whose size and mtime still match it) takes the logs of its origin,
+reads each from that offset on, and applies only the batches committed
 after the ones already in it; when there are none, an in-place merge
 is a no-op.
 
@@ -21,7 +22,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from cowd import _engine, _mergelib
@@ -65,18 +66,33 @@ class Lineage:
 
     ``origin`` is the file the oldest logs were made from; ``this`` is the
     file itself, which sessions may have mapped and logged since.  They
-    are the same file unless this one is the output of a merge.
+    are the same file unless this one is the output of a merge.  Per log,
+    ``applied`` is the last sequence number the file holds and ``ends``
+    where that batch ends in the log: only what follows can be new.
     """
 
     this: Identity
     origin: Identity
     applied: dict[str, int]
+    ends: dict[str, int] = field(default_factory=dict)
 
     def bases(self) -> list[tuple[int, int]]:
         return list(dict.fromkeys([self.origin.base, self.this.base]))
 
     def made_from_here(self, made_from: Identity) -> bool:
         return made_from in (self.origin, self.this)
+
+    def resume_at(self, log: str) -> int | None:
+        """Where the batches of log this file does not hold start, if known.
+
+        A log only grows, so the offset holds while the log is at least
+        that long; a manifest written before offsets were kept has none.
+        """
+        end = self.ends.get(log)
+        try:
+            return end if end is not None and end <= os.path.getsize(log) else None
+        except OSError:
+            return None
 
 
 class Manifests:
@@ -97,7 +113,9 @@ class Manifests:
             return Lineage(this, this, {})
         origin = Identity(**manifest["origin"])
 
-        return Lineage(this, origin, dict(manifest["applied"]))
+        return Lineage(
+            this, origin, dict(manifest["applied"]), dict(manifest.get("ends", {}))
+        )
 
     def _load(self, dev: int, ino: int) -> dict[str, Any] | None:
         try:
@@ -107,7 +125,11 @@ class Manifests:
             return None
 
     def record(
-        self, output: Identity, origin: Identity, applied: dict[str, int]
+        self,
+        output: Identity,
+        origin: Identity,
+        applied: dict[str, int],
+        ends: dict[str, int],
     ) -> None:
         """Durably record what a merge output holds."""
         path = self._path(output.dev, output.ino)
@@ -115,6 +137,7 @@ class Manifests:
             "output": asdict(output),
             "origin": asdict(origin),
             "applied": applied,
+            "ends": ends,
             "created": time.time(),
         }
         tmp = f"{path}.{os.getpid()}.tmp"
@@ -168,16 +191,24 @@ class Plan:
     def inputs(self) -> list[_engine.LogInput]:
         return [
             _engine.LogInput(
-                info.path, info.session, self.lineage.applied.get(info.path, 0)
+                info.path,
+                info.session,
+                self.lineage.applied.get(info.path, 0),
+                self.lineage.resume_at(info.path),
             )
             for info in self.logs
         ]
 
 
 def has_news(plan: Plan) -> bool:
-    """Whether any log has a batch the file to merge does not hold yet."""
+    """Whether any log has a batch the file to merge does not hold yet.
+
+    Each log is read from where the batches the file holds end, when the
+    manifest says, so that a merge with nothing new reads little.
+    """
     for info in plan.logs:
-        batches = _mergelib.verify(info.path).batches
+        start = plan.lineage.resume_at(info.path)
+        batches = _mergelib.verify(info.path, start).batches
         if batches and batches[-1].seq > plan.lineage.applied.get(info.path, 0):
             return True
 
@@ -208,13 +239,17 @@ def run(
     return result
 
 
-def applied_after(plan: Plan, result: _engine.Result) -> dict[str, int]:
-    """The manifest's applied map for the output of this merge."""
-    applied = dict(plan.lineage.applied)
+def applied_after(
+    plan: Plan, result: _engine.Result
+) -> tuple[dict[str, int], dict[str, int]]:
+    """The manifest's applied and ends maps for the output of this merge."""
+    applied, ends = dict(plan.lineage.applied), dict(plan.lineage.ends)
     for path, seq in result.last_seq.items():
-        applied[path] = max(applied.get(path, 0), seq)
+        if seq > applied.get(path, 0):
+            applied[path] = seq
+            ends[path] = result.ends[path]
 
-    return applied
+    return applied, ends
 
 
 # Crash tests set COWD_TEST_KILL_AT=N to have cowd kill itself with

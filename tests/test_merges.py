@@ -210,3 +210,25 @@ def test_no_sync_is_refused_in_place_and_without_an_output(cowd, tmp_path):
         assert b"--no-sync needs an output file" in result.stderr
     assert base.read_bytes() == b"0123456789"
     assert sorted(os.listdir(tmp_path)) == files
+
+
+def test_merge_after_in_place_reads_each_log_from_where_it_left_off(cowd, tmp_path):
+    base = tmp_path / "base"
+    base.write_bytes(b"0123456789")
+    s = Session(cowd, base)
+    s.commit((0, b"A"))
+    cowd.client().merge_all(str(base), in_place=True)
+    # Damage the batch the merge already holds: a merge that read the log
+    # from its start again would refuse it as corrupt.
+    log = Path(s.log_path)
+    raw = bytearray(log.read_bytes())
+    raw[-18] ^= 0x01  # the data byte of the only record
+    log.write_bytes(bytes(raw))
+    assert cowd.client().verify([s.log_path])[0]["ok"] is False
+
+    assert cowd.client().merge_all(str(base), in_place=True)["noop"] is True
+    s.commit((1, b"B"))
+    result = cowd.client().merge_all(str(base), in_place=True)
+
+    assert result["batches"] == 1
+    assert base.read_bytes() == b"AB23456789"
