@@ -178,13 +178,18 @@ def _report(
 ) -> None:
     print(
         f"first write to each of {args.pages} pages, median of {args.runs} runs"
-        f" (cowd engine: {engine})"
+        f" and their range (cowd engine: {engine})"
     )
     medians = {name: statistics.median(v) for name, v in times.items() if v}
     width = max(len(s.label) for s in setups)
     for setup in setups:
-        median = medians.get(setup.name)
-        shown = f"{median / 1000:.2f} us/page" if median else "not available"
+        runs = times.get(setup.name)
+        shown = "not available"
+        if runs:
+            shown = (
+                f"{medians[setup.name] / 1000:.2f} us/page"
+                f" ({min(runs) / 1000:.2f} to {max(runs) / 1000:.2f})"
+            )
         print(f"  {setup.label:<{width}}  {shown}")
     kernel = medians["kernel"]
     for setup in setups[1:]:
