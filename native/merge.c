@@ -1431,36 +1431,52 @@ static int cow__copy_data(struct cow__merge *m, uint64_t start, uint64_t end)
 }
 
 /*
+ * Finds the first extent of the base's data in [start, end), as
+ * [*data, *hole); false when there is none, the rest being a hole.  A
+ * file system that cannot tell holes says all of the file is data.
+ */
+static bool cow__next_data(struct cow__merge *m, uint64_t start,
+                           uint64_t end, uint64_t *data, uint64_t *hole)
+{
+    off_t d, h;
+
+    if (start >= end)
+        return false;
+    d = lseek(m->base_fd, (off_t)start, SEEK_DATA);
+    if (d < 0 && errno == ENXIO)
+        return false;
+    if (d < 0)
+        d = (off_t)start;
+    if ((uint64_t)d >= end)
+        return false;
+    h = lseek(m->base_fd, d, SEEK_HOLE);
+    if (h < 0 || (uint64_t)h > end)
+        h = (off_t)end;
+    *data = (uint64_t)d;
+    *hole = (uint64_t)h;
+
+    return true;
+}
+
+/*
  * Copies [start, end) of the base to the same place in the output,
  * extent by extent.  The base's holes are skipped, so they stay holes in
  * the output, which starts as one hole of its full size: a sparse base
- * merges into a sparse output.  A file system that cannot tell holes
- * says all of the file is data.  If the base got shorter meanwhile, the
+ * merges into a sparse output.  If the base got shorter meanwhile, the
  * rest stays zero, as the output's size was set before.  Only the copy
- * and cow__preallocate(), never at once, move base_fd's file offset;
- * everything else reads at given offsets.
+ * and cow__preallocate(), never at once, move base_fd's file offset (in
+ * cow__next_data()); everything else reads at given offsets.
  */
 static int cow__copy(struct cow__merge *m, uint64_t start, uint64_t end)
 {
-    end = cow__min(end, m->base_size);
-    while (start < end) {
-        off_t data = lseek(m->base_fd, (off_t)start, SEEK_DATA);
-        off_t hole;
-        int rc;
+    uint64_t data, hole;
 
-        if (data < 0 && errno == ENXIO)
-            return 0;
-        if (data < 0)
-            data = (off_t)start;
-        if ((uint64_t)data >= end)
-            return 0;
-        hole = lseek(m->base_fd, data, SEEK_HOLE);
-        if (hole < 0 || (uint64_t)hole > end)
-            hole = (off_t)end;
-        rc = cow__copy_data(m, (uint64_t)data, (uint64_t)hole);
+    end = cow__min(end, m->base_size);
+    for (; cow__next_data(m, start, end, &data, &hole); start = hole) {
+        int rc = cow__copy_data(m, data, hole);
+
         if (rc < 0)
             return rc;
-        start = (uint64_t)hole;
     }
 
     return 0;
@@ -1582,27 +1598,15 @@ static void *cow__copier_main(void *arg)
  */
 static int cow__preallocate(struct cow__merge *m)
 {
-    uint64_t start = 0;
+    uint64_t start = 0, data, hole;
 
-    while (start < m->base_size) {
-        off_t data = lseek(m->base_fd, (off_t)start, SEEK_DATA);
-        off_t hole;
-
-        if (data < 0 && errno == ENXIO)
-            return 0;
-        if (data < 0)
-            data = (off_t)start;
-        hole = lseek(m->base_fd, data, SEEK_HOLE);
-        if (hole < 0 || (uint64_t)hole > m->base_size)
-            hole = (off_t)m->base_size;
-        while (fallocate(m->out_fd, 0, data, hole - data) < 0) {
+    for (; cow__next_data(m, start, m->base_size, &data, &hole); start = hole)
+        while (fallocate(m->out_fd, 0, (off_t)data, (off_t)(hole - data)) < 0) {
             if (errno == EOPNOTSUPP || errno == ENOSYS)
                 return 0;
             if (errno != EINTR)
                 return -errno;
         }
-        start = (uint64_t)hole;
-    }
 
     return 0;
 }
